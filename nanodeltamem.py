@@ -1,2 +1,598 @@
-"""nanodeltamem: a GPT backbone fitted with a delta-rule memory (work in progress)."""
-IGNORE_INDEX = -1  # the one ignore index shared by model, data and tests
+"""
+nanodeltamem: the smallest complete delta-rule memory (δ-mem, arXiv 2605.12357) for a GPT.
+
+Read this file top to bottom, small to large:
+
+  1. the backbone      a nanoGPT-style transformer; its attention shows where corrections enter
+  2. the delta rule    the memory's update, as a token loop and as a chunkwise-parallel scan
+  3. the memory        one small online associative memory per attention layer
+  4. the wrapper       freeze a trained GPT, attach memories, stream a history, ask questions
+
+The idea in one paragraph. A pretrained GPT is frozen. Each attention layer gets a tiny state matrix
+S (r x d_k, e.g. 8 x 8 numbers) that is written while the history streams past, with the delta rule:
+write only the error between what S already returns for a key and the new value. Later, with the
+history gone from the context, each token reads S with a query and turns the read into low-rank
+corrections of the attention query and output. Only the memory's few parameters are trained.
+"""
+import hashlib
+import math
+from dataclasses import dataclass, asdict, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -1  # the one ignore index shared by model, data and tests: no loss on these targets
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The backbone: a small GPT (token + position embeddings, pre-LN blocks, tied head)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256    # longest context the backbone attends over
+    vocab_size: int = 4096   # the project's own BPE (data/prepare.py)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False       # biases in Linear and LayerNorm layers
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with separate q/k/v/o projections.
+
+    The projections are separate so the memory can add its corrections in plain sight:
+        Q   = W_q h + dq          (dq: the memory's query correction, or None)
+        out = W_o Attn(Q, K, V) + do
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # W_q
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # W_k
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # W_v
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # W_o
+        self.dropout = cfg.dropout
+
+    def forward(self, h, dq=None, do=None):
+        B, T, C = h.shape
+        q = self.q_proj(h)                                               # (B, T, C)
+        if dq is not None:
+            q = q + dq                                                   # low-rank query correction
+        k, v = self.k_proj(h), self.v_proj(h)                            # (B, T, C) each: untouched
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(                              # (B, nh, T, hs)
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, C))              # (B, T, C)
+        if do is not None:
+            y = y + do                                                   # low-rank output correction
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))                  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block. `mem`, if given, maps the attention input h to (dq, do)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mem=None):
+        h = self.ln_1(x)                                                 # (B, T, C) attention input
+        dq, do = mem(h) if mem is not None else (None, None)             # the memory reads h
+        x = x + self.attn(h, dq, do)
+        return x + self.mlp(self.ln_2(x))                                # (B, T, C)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                            # tied input/output embedding
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():                          # GPT-2: scale residual writes
+            if name.endswith(("o_proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, mems=None):
+        """idx (B, T) token ids -> logits (B, T, V); loss if targets (B, T) are given.
+
+        mems: None, or one callable per layer (or None for a layer without memory), see Block.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mems[i] if mems is not None else None)          # (B, T, C)
+        logits = self.lm_head(self.ln_f(x))                              # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, **fwd):
+        """Sample (temperature > 0) or decode greedily (temperature == 0) up to max_new_tokens."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:], **fwd)
+            logits = logits[:, -1, :]                                    # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)                    # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, nxt), dim=1)
+            if stop_token is not None and bool((nxt == stop_token).all()):
+                break
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The delta rule: S_t = diag(1-β_t) S_{t-1} + diag(β_t) (v_t - S_{t-1} k_t) k_tᵀ
+# ----------------------------------------------------------------------------------------------
+# The state S (r x d_k) maps a key k (d_k) to a value S k (r). Each token reads before it writes:
+#     read_t = S_{t-1} q_t
+#     S_t    = diag(1-β_t) S_{t-1} + diag(β_t) (v_t - S_{t-1} k_t) k_tᵀ
+# Three readings of the update:
+#   (1) delta rule: write only the error between the stored value S k and the new value v;
+#   (2) one SGD step on ½‖S k - v‖² with a step size β per state row, plus a decay (1-β) of that row;
+#   (3) a gated DeltaNet transition whose gate is per row: every row of S (one value coordinate) is
+#       its own scalar-gated delta rule with value dimension 1.
+# Two switches give the ablations: erase=False drops the -S k term (hebbian: S_t = S_{t-1} + β v kᵀ
+# when decay=False too), decay=False drops the (1-β) forgetting (the classic DeltaNet).
+# β has shape (..., r) for row-wise gates or (..., 1) for one scalar gate shared by all rows.
+
+def delta_rule_recurrent(q, k, v, beta, state, decay=True, erase=True):
+    """The reference token loop (and the decode path): O(r d_k) work per token.
+
+    q, k (B, H, T, d_k); v (B, H, T, r); beta (B, H, T, r or 1); state (B, H, r, d_k).
+    Returns read (B, H, T, r) with read_t = S_{t-1} q_t, and the final state (B, H, r, d_k).
+    """
+    S = state
+    reads = []
+    for t in range(q.size(2)):
+        b = beta[:, :, t, :, None]                                       # (B, H, r|1, 1) row gates
+        reads.append(S @ q[:, :, t, :, None])                            # (B, H, r, 1) read first
+        err = v[:, :, t, :, None]                                        # (B, H, r, 1)
+        if erase:
+            err = err - S @ k[:, :, t, :, None]                          # v - S k: what is missing
+        keep = (1 - b) * S if decay else S                               # (B, H, r, d_k)
+        S = keep + b * err * k[:, :, t, None, :]                         # (B, H, r, d_k)
+    return torch.cat(reads, dim=-1).transpose(-1, -2), S                # (B, H, T, r), final S
+
+
+def unit_lower_solve(A, rhs):
+    """X = (I + A)⁻¹ rhs for strictly lower-triangular A (..., C, C), by doubling.
+
+    A is nilpotent (A^C = 0), so (I + A)⁻¹ = I - A + A² - ... = (I - A)(I + A²)(I + A⁴)...:
+    log2(C) batched matmuls instead of a sequential solve of C steps.
+    """
+    X = rhs - A @ rhs                                                    # (I - A) rhs
+    Ap, span = A @ A, 2                                                  # A², covers terms up to A³
+    while span < A.size(-1):
+        X = X + Ap @ X                                                   # (I + A^span) X
+        span *= 2
+        if span < A.size(-1):
+            Ap = Ap @ Ap
+    return X
+
+
+def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=True):
+    """The same recurrence, C = chunk_size tokens at a time (WY / UT form, Yang et al. 2024).
+
+    Per state row (drop the row index; s is that row, a d_k vector, v_t a scalar), in one chunk with
+    start state s_0, let a_t = 1-β_t (or 1 without decay), G_t = Σ_{j<=t} log a_j and γ_t = exp(G_t).
+      * Unroll the update: s_t = γ_t s_0 + Σ_{i<=t} (γ_t/γ_i) u_i k_i, with the effective write
+        u_t = β_t (v_t - s_{t-1}·k_t).
+      * Substitute s_{t-1}: u_t + β_t Σ_{i<t} (γ_{t-1}/γ_i)(k_t·k_i) u_i = β_t v_t - β_t γ_{t-1} (k_t·s_0),
+        i.e. (I + A) u = β v - diag(β γ_{t-1}) K s_0, A = diag(β) (D ∘ K Kᵀ) strictly lower,
+        D[t, i] = exp(G_{t-1} - G_i). So u = u0 - W s_0 with u0 = (I+A)⁻¹ β v and
+        W = (I+A)⁻¹ diag(β γ_{t-1}) K, both independent of s_0: computed for all chunks at once.
+      * Reads:  o_t = γ_{t-1} q_t·s_0 + Σ_{i<t} D[t, i] (q_t·k_i) u_i  = P u0 + (γ_{t-1} Q - P W) s_0,
+        P = D ∘ Q Kᵀ strictly lower.
+      * Carry:  s_C = γ_C s_0 + Σ_i (γ_C/γ_i) u_i k_i = M s_0 + b,
+        M = γ_C I - Kᵀ diag(γ_C/γ) W,  b = Kᵀ (γ_C/γ ∘ u0).
+    Only the last line is sequential: one small matmul per chunk. Rows that share a gate (scalar
+    gates) share A and W, so their C x C work is done once; row-wise gates pay it r times.
+    Decays stay differences of cumulative logs, so no exp() can overflow.
+    """
+    B, H, T, dk = q.shape
+    r, R = v.size(-1), beta.size(-1)                                     # R gate groups of m rows
+    m = r // R
+    pad = (-T) % chunk_size                                              # pad T with no-op tokens:
+    if pad:                                                              # β = 0 neither decays nor writes
+        q, k, v, beta = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, beta))
+    n, C = (T + pad) // chunk_size, chunk_size
+    q = q.reshape(B, H, n, 1, C, dk)                                     # (B, H, n, 1, C, d_k)
+    k = k.reshape(B, H, n, 1, C, dk)
+    v = v.reshape(B, H, n, C, R, m).transpose(-3, -2)                    # (B, H, n, R, C, m)
+    b = beta.reshape(B, H, n, C, R).transpose(-1, -2)[..., None]         # (B, H, n, R, C, 1)
+
+    g = torch.log1p(-b).clamp(min=-30.0) if decay else torch.zeros_like(b)  # log a_t
+    G = g.cumsum(-2)                                                     # (B, H, n, R, C, 1) G_t
+    G_prev = G - g                                                       # G_{t-1}
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    D = (G_prev - G.transpose(-1, -2)).masked_fill(~strict, -math.inf).exp()  # (.., R, C, C)
+    kT = k.transpose(-1, -2)                                             # (B, H, n, 1, d_k, C)
+    P = D * (q @ kT)                                                     # (B, H, n, R, C, C)
+
+    if erase:
+        A = b * D * (k @ kT)                                             # (B, H, n, R, C, C)
+        X = unit_lower_solve(A, torch.cat([b * v, (b * G_prev.exp()) * k.expand(-1, -1, -1, R, -1, -1)], -1))
+        u0, W = X.split([m, dk], dim=-1)                                 # (.., C, m), (.., C, d_k)
+    else:                                                                # no erase: u_t = β_t v_t
+        u0, W = b * v, None
+
+    to_end = (G[..., -1:, :] - G).exp()                                  # (B, H, n, R, C, 1) γ_C/γ_t
+    gamma_C = G[..., -1:, :].exp()                                       # (B, H, n, R, 1, 1)
+    Bc = (to_end * u0).transpose(-1, -2) @ k                             # (B, H, n, R, m, d_k)
+    eye = torch.eye(dk, device=q.device, dtype=q.dtype)
+    M = gamma_C * eye                                                    # (B, H, n, R, d_k, d_k)
+    Qe = G_prev.exp() * q                                                # (B, H, n, R, C, d_k)
+    if W is not None:
+        M = M - kT @ (to_end * W)
+        Qe = Qe - P @ W
+
+    S = state.reshape(B, H, R, m, dk)                                    # rows grouped by gate
+    starts = []
+    for c in range(n):                                                   # the only sequential part
+        starts.append(S)
+        S = S @ M[:, :, c].transpose(-1, -2) + Bc[:, :, c]               # (B, H, R, m, d_k)
+    S0 = torch.stack(starts, dim=2)                                      # (B, H, n, R, m, d_k)
+    o = P @ u0 + Qe @ S0.transpose(-1, -2)                               # (B, H, n, R, C, m)
+    read = o.transpose(-3, -2).reshape(B, H, n * C, r)[:, :, :T]         # (B, H, T, r)
+    return read, S.reshape(B, H, r, dk)
+
+
+def delta_rule_scan(q, k, v, beta, state=None, chunk_size=None, decay=True, erase=True):
+    """read, state = delta_rule_scan(q, k, v, beta, state=None, chunk_size=None)
+
+    q, k (B, H, T, d_k) unit vectors; v (B, H, T, r); beta (B, H, T, r) or (B, H, T, 1);
+    state (B, H, r, d_k) or None for S_0 = 0. read[..., t, :] = S_{t-1} q_t (read before write).
+    chunk_size=None runs the token loop, an int the chunkwise form; both give the same numbers.
+    Always computed in float32, also under autocast.
+    """
+    B, H, T, dk = q.shape
+    r = v.size(-1)
+    if beta.size(-1) not in (1, r):
+        raise ValueError(f"beta's last dim must be 1 (scalar gate) or r={r} (row-wise), got {beta.size(-1)}")
+    if state is None:
+        state = q.new_zeros(B, H, r, dk, dtype=torch.float32)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, v, beta, state = (x.float() for x in (q, k, v, beta, state))
+        if chunk_size is None:
+            return delta_rule_recurrent(q, k, v, beta, state, decay, erase)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        return delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay, erase)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The memory: one delta-rule state per attention layer, read as low-rank corrections
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class MemoryConfig:
+    key_dim: int = 8           # d_k: columns of S (key size)
+    rank: int = 8              # r: rows of S = value size = readout size = correction rank
+    heads: int = 1             # H independent states per layer (H > 1: multi-state write, MSW)
+    write: str = "token"       # token: one write per token (TSW) | segment: one per line (SSW)
+    sides: str = "qo"          # which corrections: q (query), o (output) or qo (both)
+    update: str = "delta"      # delta | hebbian (S += β v kᵀ: no erase, no decay)
+    gates: str = "rowwise"     # rowwise: one β per state row | scalar: one β per state
+    layers: tuple = None       # indices of the layers that carry memory; None = all
+    alpha: float = 16.0        # correction scale s = alpha / rank (as LoRA)
+    gate_bias: float = -1.5    # b_β at init: β = sigmoid(-1.5) ≈ 0.18 everywhere
+    init: str = "paper"        # B_q, B_o init: paper (0.05 x columns of W_q, W_o) | zero
+    chunk_size: int = 8        # chunkwise scan's chunk (None: token loop, for reference)
+
+    def __post_init__(self):
+        choices = dict(write=("token", "segment"), sides=("q", "o", "qo"), update=("delta", "hebbian"),
+                       gates=("rowwise", "scalar"), init=("paper", "zero"))
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
+        for name in ("key_dim", "rank", "heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+
+
+class DeltaMemory(nn.Module):
+    """One layer's memory. h_t (d) is the layer's attention input; per state head:
+
+        q̃_t = L2norm(tanh(A_q h_t))  (d_k)     read query
+        k̃_t = L2norm(tanh(A_k h_t))  (d_k)     write key
+        v_t = A_v h_t                (r)       value
+        β_t = sigmoid(W_β h_t + b_β)  (r or 1)  write strength per state row
+        read_t = S_{t-1} q̃_t, then S_t = diag(1-β_t) S_{t-1} + diag(β_t)(v_t - S_{t-1} k̃_t) k̃_tᵀ
+        dq_t = s B_q read_t,  do_t = s B_o read_t      (s = alpha / r; reads of all heads concatenated)
+
+    The state S (B, H, r, d_k) lives in `self.state` and is carried across forward calls, so a
+    history can be written window by window and queried later with writes off.
+    """
+
+    def __init__(self, d, cfg):
+        super().__init__()
+        H, dk, r = cfg.heads, cfg.key_dim, cfg.rank
+        self.cfg = cfg
+        self.A_q = nn.Linear(d, H * dk, bias=False)
+        self.A_k = nn.Linear(d, H * dk, bias=False)
+        self.A_v = nn.Linear(d, H * r, bias=False)
+        self.W_beta = nn.Linear(d, H * (r if cfg.gates == "rowwise" else 1), bias=True)
+        nn.init.zeros_(self.W_beta.weight)                               # β starts the same everywhere
+        nn.init.constant_(self.W_beta.bias, cfg.gate_bias)
+        self.B_q = nn.Linear(H * r, d, bias=False) if "q" in cfg.sides else None
+        self.B_o = nn.Linear(H * r, d, bias=False) if "o" in cfg.sides else None
+        for B in (self.B_q, self.B_o):
+            if B is not None:
+                nn.init.zeros_(B.weight)
+        self.scale = cfg.alpha / r
+        self.state = None                                                # (B, H, r, d_k) or None = 0
+
+    @torch.no_grad()
+    def init_corrections(self, attn):
+        """The paper's init: B = 0.05 x the first H·r columns of W_q (W_o), each scaled to unit norm."""
+        for B, W in ((self.B_q, attn.q_proj.weight), (self.B_o, attn.o_proj.weight)):
+            if B is not None:
+                cols = W[:, :B.weight.size(1)]                           # (d, H·r)
+                B.weight.copy_(0.05 * cols / cols.norm(dim=0, keepdim=True).clamp_min(1e-8))
+
+    def _heads(self, x, size):
+        B, T, _ = x.shape
+        return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
+
+    def _project(self, x):
+        """Write-side projections of x (B, T, d): unit keys, values and gates, split into heads."""
+        k = F.normalize(torch.tanh(self._heads(self.A_k(x), self.cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
+        v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
+        beta = torch.sigmoid(self._heads(self.W_beta(x), self.W_beta.out_features // self.cfg.heads))
+        return k, v, beta                                                # beta (B, H, T, r|1)
+
+    def forward(self, h, write=False, n_windows=1, mask=None, seg=None):
+        """h (N, L, d) with N = B * n_windows: window w of episode b is row b * n_windows + w.
+
+        The windows of an episode are one stream for the memory (the state runs through all of
+        them in order), while attention never looks past a window. mask (N, L) marks real tokens
+        (padding never writes); seg (N, L) numbers the lines inside a window (SSW), -1 on padding.
+        Returns the corrections (dq, do), each (N, L, d) or None.
+        """
+        cfg = self.cfg
+        N, L, d = h.shape
+        B, T = N // n_windows, n_windows * L
+        x = h.reshape(B, T, d)                                           # (B, T, d) one stream
+        q = F.normalize(torch.tanh(self._heads(self.A_q(x), cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
+        S = self.state
+        if S is None:
+            S = x.new_zeros(B, cfg.heads, cfg.rank, cfg.key_dim, dtype=torch.float32)
+        scan = dict(chunk_size=cfg.chunk_size, decay=cfg.update == "delta", erase=cfg.update == "delta")
+        if not write:                                                    # read only: S stays as is
+            read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
+        elif cfg.write == "token":                                       # TSW: every token writes
+            k, v, beta = self._project(x)
+            if mask is not None:
+                beta = beta * mask.reshape(B, 1, T, 1)                   # padding: β = 0, a no-op
+            read, S = delta_rule_scan(q, k, v, beta, S, **scan)
+        else:                                                            # SSW: every line writes once
+            read, S = self._segment_write(h, q, S, n_windows, seg, scan)
+        self.state = S
+        read = read.transpose(1, 2).reshape(N, L, -1)                    # (N, L, H·r) heads concatenated
+        dq = self.scale * self.B_q(read) if self.B_q is not None else None   # (N, L, d)
+        do = self.scale * self.B_o(read) if self.B_o is not None else None   # (N, L, d)
+        return dq, do
+
+    def _segment_write(self, h, q, S, n_windows, seg, scan):
+        """SSW: mean-pool h over each line and write once per line; tokens read the state that held
+        before their window. Trick: one scan over [L read-only token steps (β = 0), M line writes] per
+        window, so the state still runs through all windows in order without a Python loop."""
+        if seg is None:
+            raise ValueError("segment writes need segment ids (seg) for every token, -1 on padding")
+        N, L, d = h.shape
+        B, W, H = N // n_windows, n_windows, self.cfg.heads
+        M = int(seg.max().item()) + 1                                    # lines per window (padded)
+        onehot = (seg[..., None] == torch.arange(M, device=h.device)).to(h.dtype)  # (N, L, M)
+        count = onehot.sum(1)                                            # (N, M) tokens per line
+        pooled = onehot.transpose(1, 2) @ h / count.clamp_min(1)[..., None]  # (N, M, d) line means
+        k, v, beta = self._project(pooled.reshape(B, W * M, d))          # (B, H, W·M, ·)
+        beta = beta * (count > 0).to(beta.dtype).reshape(B, 1, W * M, 1)  # empty lines never write
+
+        def steps(tok, line):                                            # (B, H, W, L+M, ·) interleave
+            return torch.cat([tok.reshape(B, H, W, L, -1), line.reshape(B, H, W, M, -1)], 3).flatten(2, 3)
+
+        z = lambda t, n: t.new_zeros(B, H, W * n, t.size(-1))
+        read, S = delta_rule_scan(steps(q, z(q, M)), steps(z(k, L), k), steps(z(v, L), v),
+                                  steps(z(beta, L), beta), S, **scan)   # (B, H, W·(L+M), r)
+        read = read.reshape(B, H, W, L + M, -1)[:, :, :, :L].reshape(B, H, W * L, -1)  # (B, H, T, r)
+        return read, S
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The wrapper: a frozen GPT with a memory in (some of) its attention layers
+# ----------------------------------------------------------------------------------------------
+
+def weights_hash(module):
+    """A short fingerprint of a module's weights: binds a memory to the backbone it was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class DeltaMemGPT(nn.Module):
+    """A frozen GPT plus one DeltaMemory per chosen layer; only the memories are trainable.
+
+    Typical use (an episode = history windows, then questions):
+        model.reset_memory()
+        model(history, write=True, mask=mask)     # history (B, W, L): W windows streamed in order
+        logits, loss = model(questions, targets)  # questions (B, Q, Lq): every question reads S
+    """
+
+    def __init__(self, gpt, mcfg):
+        super().__init__()
+        self.gpt = gpt
+        self.mcfg = mcfg
+        gpt.requires_grad_(False).eval()                                 # the backbone stays frozen
+        layers = mcfg.layers if mcfg.layers is not None else range(gpt.config.n_layer)
+        for i in layers:
+            if not 0 <= i < gpt.config.n_layer:
+                raise ValueError(f"layer {i} does not exist; the backbone has layers 0..{gpt.config.n_layer - 1}")
+        d = gpt.config.n_embd
+        if mcfg.heads * mcfg.rank > d:
+            raise ValueError(f"heads x rank = {mcfg.heads * mcfg.rank} exceeds the model width {d}")
+        self.memories = nn.ModuleDict({str(i): DeltaMemory(d, mcfg) for i in layers})
+        if mcfg.init == "paper":
+            for i, mem in self.memories.items():
+                mem.init_corrections(gpt.blocks[int(i)].attn)
+        self.backbone_hash = weights_hash(gpt)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.gpt.eval()                                                  # no dropout in the backbone
+        return self
+
+    # the state, carried across calls
+    def reset_memory(self):
+        for mem in self.memories.values():
+            mem.state = None
+
+    def memory_state(self):
+        return [mem.state for mem in self.memories.values()]
+
+    def set_memory_state(self, states):
+        for mem, s in zip(self.memories.values(), states):
+            mem.state = s
+
+    def forward(self, idx, targets=None, write=False, mask=None, seg=None):
+        """idx (B, T) or (B, W, L): W windows per row, one memory stream per row.
+
+        write=True streams the windows through the memory (each token, or each line with SSW,
+        writes); write=False only reads the current state (questions).
+        """
+        n_windows = idx.size(1) if idx.dim() == 3 else 1
+        flat = lambda t: t.flatten(0, 1) if t is not None and t.dim() == 3 else t
+        idx, targets, mask, seg = flat(idx), flat(targets), flat(mask), flat(seg)
+        mems = [None] * self.gpt.config.n_layer
+        for i, mem in self.memories.items():
+            mems[int(i)] = lambda h, mem=mem: mem(h, write, n_windows, mask, seg)
+        return self.gpt(idx, targets, mems=mems)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, stop_token=None):
+        """Greedy answers read from the memory (writes off). idx (B, T) -> (B, T + new)."""
+        mems = [None] * self.gpt.config.n_layer
+        for i, mem in self.memories.items():
+            mems[int(i)] = lambda h, mem=mem: mem(h)
+        return self.gpt.generate(idx, max_new_tokens, temperature=0, stop_token=stop_token, mems=mems)
+
+    def param_counts(self):
+        trainable = sum(p.numel() for p in self.memories.parameters())
+        frozen = sum(p.numel() for p in self.gpt.parameters())
+        return trainable, frozen
+
+    def describe(self):
+        t, f = self.param_counts()
+        return f"memory: {t:,} trainable parameters, backbone: {f:,} frozen ({100 * t / (t + f):.2f}% trainable)"
+
+    # checkpoints hold only the memory, bound to the backbone's weights
+    def save_memory(self, path, **extra):
+        save_atomic({"memory": self.memories.state_dict(), "mem_config": asdict(self.mcfg),
+                     "backbone_hash": self.backbone_hash, **extra}, path)
+
+    @classmethod
+    def load_memory(cls, path, gpt):
+        ckpt = load_checkpoint(path, required=("memory", "mem_config", "backbone_hash"))
+        if ckpt["backbone_hash"] != weights_hash(gpt):
+            raise ValueError(f"{path} was trained on backbone {ckpt['backbone_hash']}, but this backbone is "
+                             f"{weights_hash(gpt)}: pass the backbone checkpoint it was trained with (--backbone)")
+        model = cls(gpt, MemoryConfig(**ckpt["mem_config"]))
+        model.memories.load_state_dict(ckpt["memory"])
+        return model, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Small utilities shared by the scripts
+# ----------------------------------------------------------------------------------------------
+
+def autodetect_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: an interrupted save never leaves half a file."""
+    import os
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, required=()):
+    """torch.load with one-line errors for a missing, truncated or foreign file."""
+    import os
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+                         f"delete it and train again") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not the right kind of checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def load_backbone(path):
+    """A GPT from a train_backbone.py checkpoint (unwrapped weights + config)."""
+    ckpt = load_checkpoint(path, required=("model", "config"))
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt

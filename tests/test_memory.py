@@ -1,0 +1,224 @@
+"""The memory's invariants: the two scans agree, a fresh memory is the backbone, the backbone never moves."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanodeltamem import (GPT, GPTConfig, DeltaMemGPT, MemoryConfig, delta_rule_scan, weights_hash)
+
+
+def rand_inputs(B=2, H=2, T=37, dk=8, r=8, R=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
+    v = torch.randn(B, H, T, r, generator=g)
+    beta = torch.rand(B, H, T, R, generator=g)
+    s0 = torch.randn(B, H, r, dk, generator=g)
+    return [x.to(dtype).requires_grad_(True) for x in (q, k, v, beta, s0)]
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+def test_recurrent_matches_hand_computed_update():
+    # one state row at a time, straight from the equation, in python floats
+    q, k, v, beta, s0 = (x.detach().double() for x in rand_inputs(B=1, H=1, T=5, dk=3, r=2, R=2))
+    read, S = delta_rule_scan(q, k, v, beta, s0)
+    S_ref = s0[0, 0].tolist()
+    for t in range(5):
+        kt, qt = k[0, 0, t].tolist(), q[0, 0, t].tolist()
+        for row in range(2):
+            expect_read = sum(S_ref[row][j] * qt[j] for j in range(3))
+            assert abs(read[0, 0, t, row].item() - expect_read) < 1e-5
+            b = beta[0, 0, t, row].item()
+            err = v[0, 0, t, row].item() - sum(S_ref[row][j] * kt[j] for j in range(3))
+            S_ref[row] = [(1 - b) * S_ref[row][j] + b * err * kt[j] for j in range(3)]
+    assert torch.allclose(S[0, 0], torch.tensor(S_ref, dtype=S.dtype), atol=1e-5)
+
+
+@pytest.mark.parametrize("R", [8, 1], ids=["rowwise", "scalar"])
+@pytest.mark.parametrize("update", ["delta", "hebbian", "nodecay"])
+@pytest.mark.parametrize("T,C", [(37, 8), (16, 16), (5, 8), (50, 4)])
+def test_chunkwise_equals_recurrent_with_gradients(R, update, T, C):
+    kw = dict(delta=dict(), hebbian=dict(decay=False, erase=False), nodecay=dict(decay=False))[update]
+    xs = rand_inputs(T=T, R=R)
+    r1, s1 = delta_rule_scan(*xs, **kw)
+    r2, s2 = delta_rule_scan(*xs, chunk_size=C, **kw)
+    assert (r1 - r2).abs().max() < 1e-5 and (s1 - s2).abs().max() < 1e-5
+    w1, w2 = torch.randn_like(r1), torch.randn_like(s1)                # a generic loss of both outputs
+    g1 = torch.autograd.grad((r1 * w1).sum() + (s1 * w2).sum(), xs)
+    g2 = torch.autograd.grad((r2 * w1).sum() + (s2 * w2).sum(), xs)
+    for name, a, b in zip(["q", "k", "v", "beta", "state"], g1, g2):
+        assert (a - b).abs().max() < 1e-4 * max(1.0, a.abs().max().item()), name
+
+
+def test_scan_stays_float32_under_autocast():
+    xs = [x.detach() for x in rand_inputs(T=9)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        read, S = delta_rule_scan(*[x.bfloat16() for x in xs], chunk_size=4)
+    assert read.dtype == torch.float32 and S.dtype == torch.float32
+
+
+def test_delta_recalls_orthonormal_keys_exactly_hebbian_interferes_when_keys_overlap():
+    dk = r = 8
+    keys = torch.linalg.qr(torch.randn(dk, dk))[0].T                    # d_k orthonormal keys
+    vals = torch.randn(dk, r)
+    one = torch.ones(1, 1, dk, r)
+    setup = lambda K, V: (K[None, None], K[None, None], V[None, None])
+    # β = 1 without decay: each write replaces exactly what its key stores (classic delta rule)
+    q, k, v = setup(keys, vals)
+    _, S = delta_rule_scan(q, k, v, one, decay=False)
+    assert torch.allclose(keys @ S[0, 0].T, vals, atol=1e-5)            # every value recalled exactly
+    # overlapping keys: write key 0 -> value 0, then a key 0.6 k0 + 0.8 k1 -> value 1
+    k_mix = torch.stack([keys[0], 0.6 * keys[0] + 0.8 * keys[1]])
+    v_two = vals[:2]
+    q, k, v = setup(k_mix, v_two)
+    _, S_delta = delta_rule_scan(q, k, v, one[:, :, :2], decay=False)
+    _, S_hebb = delta_rule_scan(q, k, v, one[:, :, :2], decay=False, erase=False)
+    # the latest association is exact for delta, corrupted by the first write for hebbian
+    assert torch.allclose(S_delta[0, 0] @ k_mix[1], v_two[1], atol=1e-5)
+    assert (S_hebb[0, 0] @ k_mix[1] - v_two[1]).norm() > 0.3 * v_two[0].norm()
+    # the paper's gate also decays: with β = 1 only the last write survives (why β must be learnt)
+    q, k, v = setup(keys, vals)
+    _, S_decay = delta_rule_scan(q, k, v, one)
+    assert torch.allclose(keys @ S_decay[0, 0].T, torch.cat([torch.zeros(dk - 1, r), vals[-1:]]), atol=1e-5)
+
+
+def test_fresh_memory_reproduces_backbone_exactly():
+    gpt = tiny_gpt()
+    x = torch.randint(0, 64, (3, 20))
+    ref, _ = gpt(x)
+    for sides in ["q", "o", "qo"]:
+        model = DeltaMemGPT(gpt, MemoryConfig(sides=sides))
+        model.reset_memory()
+        logits, _ = model(x)                                              # read pass from S_0 = 0
+        assert torch.equal(logits, ref)
+    zero = DeltaMemGPT(gpt, MemoryConfig(init="zero"))                   # zero corrections: even writes
+    logits, _ = zero(x[:, None], write=True)
+    assert torch.equal(logits, ref)
+
+
+def test_backbone_bit_identical_and_only_memory_gets_gradients():
+    gpt = tiny_gpt()
+    before = {k: v.clone() for k, v in gpt.state_dict().items()}
+    model = DeltaMemGPT(gpt, MemoryConfig(key_dim=4, rank=4))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    hist, qs = torch.randint(0, 64, (2, 3, 16)), torch.randint(0, 64, (2, 2, 8))
+    for _ in range(3):
+        model.reset_memory()
+        model(hist, write=True)
+        _, loss = model(qs, qs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is None for p in gpt.parameters())
+    assert all(p.grad is not None for p in model.memories.parameters())
+    assert all(torch.equal(before[k], v) for k, v in gpt.state_dict().items())
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"memories"}
+
+
+@pytest.mark.parametrize("write", ["token", "segment"])
+def test_streaming_windows_in_two_calls_equals_one_call(write):
+    gpt = tiny_gpt()
+    model = DeltaMemGPT(gpt, MemoryConfig(write=write, chunk_size=4))
+    hist = torch.randint(0, 64, (2, 2, 13))
+    seg = (torch.arange(13) // 3).expand(2, 2, 13)
+    model.reset_memory()
+    full, _ = model(hist, write=True, seg=seg)
+    states_one = model.memory_state()
+    model.reset_memory()
+    a, _ = model(hist[:, :1], write=True, seg=seg[:, :1])
+    b, _ = model(hist[:, 1:], write=True, seg=seg[:, 1:])
+    for s1, s2 in zip(states_one, model.memory_state()):
+        assert torch.allclose(s1, s2, atol=1e-5)
+    both = torch.stack([a.view(2, 13, -1), b.view(2, 13, -1)], 1).flatten(0, 1)
+    assert torch.allclose(full, both, atol=1e-5)
+
+
+def test_reads_leave_the_state_unchanged_and_padding_never_writes():
+    gpt = tiny_gpt()
+    model = DeltaMemGPT(gpt, MemoryConfig())
+    hist = torch.randint(0, 64, (2, 1, 10))
+    model.reset_memory()
+    model(hist, write=True)
+    before = [s.clone() for s in model.memory_state()]
+    model(torch.randint(0, 64, (2, 3, 7)))                               # three questions, writes off
+    assert all(torch.equal(a, b) for a, b in zip(before, model.memory_state()))
+    padded = torch.cat([hist, torch.randint(0, 64, (2, 1, 5))], -1)     # 5 garbage tokens of padding
+    mask = torch.arange(15).expand(2, 1, 15) < 10
+    model.reset_memory()
+    model(padded, write=True, mask=mask)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, model.memory_state()))
+
+
+def test_segment_write_with_one_token_lines_equals_token_write():
+    gpt = tiny_gpt()
+    tsw = DeltaMemGPT(gpt, MemoryConfig(write="token", init="zero"))
+    ssw = DeltaMemGPT(gpt, MemoryConfig(write="segment", init="zero"))
+    ssw.memories.load_state_dict(tsw.memories.state_dict())
+    hist = torch.randint(0, 64, (2, 2, 9))
+    tsw.reset_memory(), ssw.reset_memory()
+    tsw(hist, write=True)
+    ssw(hist, write=True, seg=torch.arange(9).expand(2, 2, 9))          # every token its own line
+    for a, b in zip(tsw.memory_state(), ssw.memory_state()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_segment_write_pools_lines_and_reads_state_from_before_the_window():
+    gpt = tiny_gpt()
+    model = DeltaMemGPT(gpt, MemoryConfig(write="segment", layers=(0,)))
+    mem = model.memories["0"]
+    h = torch.randn(1, 6, 32)
+    seg = torch.tensor([[0, 0, 1, 1, 1, -1]])                            # two lines and one pad
+    mem.state = torch.randn(1, 1, 8, 8)
+    S0 = mem.state.clone()
+    dq, _ = mem(h, write=True, seg=seg)
+    pooled = torch.stack([h[0, :2].mean(0), h[0, 2:5].mean(0)])[None]  # (1, 2, d)
+    k, v, beta = mem._project(pooled)
+    _, S_ref = delta_rule_scan(k, k, v, beta, S0)                        # two writes, in order
+    assert torch.allclose(mem.state, S_ref, atol=1e-5)
+    q = F.normalize(torch.tanh(mem.A_q(h)), dim=-1)                      # (1, 6, d_k)
+    assert torch.allclose(dq[0], mem.scale * mem.B_q(q[0] @ S0[0, 0].T), atol=1e-5)
+
+
+def test_multi_state_heads_are_independent():
+    gpt = tiny_gpt()
+    model = DeltaMemGPT(gpt, MemoryConfig(heads=4, key_dim=4, rank=2, layers=(1,)))
+    mem = model.memories["1"]
+    x = torch.randn(2, 11, 32)
+    mem.state = None
+    mem(x, write=True)
+    k, v, beta = mem._project(x)
+    for hd in range(4):                                                 # each head = its own scan
+        q_h = F.normalize(torch.tanh(mem.A_q(x).view(2, 11, 4, 4)[:, :, hd]), dim=-1)[:, None]
+        _, S = delta_rule_scan(q_h, k[:, hd:hd + 1], v[:, hd:hd + 1], beta[:, hd:hd + 1])
+        assert torch.allclose(mem.state[:, hd:hd + 1], S, atol=1e-5)
+
+
+def test_memory_checkpoint_refuses_another_backbone(tmp_path):
+    gpt = tiny_gpt(seed=0)
+    model = DeltaMemGPT(gpt, MemoryConfig(key_dim=4, rank=2, heads=2))
+    path = tmp_path / "mem.pt"
+    model.save_memory(path)
+    loaded, _ = DeltaMemGPT.load_memory(path, tiny_gpt(seed=0))
+    assert loaded.mcfg == model.mcfg
+    for (n1, p1), (n2, p2) in zip(model.memories.state_dict().items(), loaded.memories.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert weights_hash(tiny_gpt(seed=0)) != weights_hash(tiny_gpt(seed=1))
+    with pytest.raises(ValueError, match="trained on backbone"):
+        DeltaMemGPT.load_memory(path, tiny_gpt(seed=1))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        DeltaMemGPT.load_memory(tmp_path / "bad.pt", gpt)
+
+
+@pytest.mark.parametrize("bad", [dict(key_dim=0), dict(rank=-1), dict(write="line"), dict(sides="k"),
+                                 dict(update="hebb"), dict(gates="col"), dict(chunk_size=0)])
+def test_bad_memory_config_is_refused_with_valid_values(bad):
+    with pytest.raises(ValueError):
+        MemoryConfig(**bad)
+    with pytest.raises(ValueError, match="exceeds the model width"):
+        DeltaMemGPT(tiny_gpt(), MemoryConfig(rank=16, heads=4))
