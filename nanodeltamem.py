@@ -144,7 +144,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))                              # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
 
@@ -373,6 +373,7 @@ class DeltaMemory(nn.Module):
                 nn.init.zeros_(B.weight)
         self.scale = cfg.alpha / r
         self.state = None                                                # (B, H, r, d_k) or None = 0
+        self.last_beta = None                                            # mean β of the last write pass
 
     @torch.no_grad()
     def init_corrections(self, attn):
@@ -414,8 +415,9 @@ class DeltaMemory(nn.Module):
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
         elif cfg.write == "token":                                       # TSW: every token writes
             k, v, beta = self._project(x)
-            if mask is not None:
-                beta = beta * mask.reshape(B, 1, T, 1)                   # padding: β = 0, a no-op
+            real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
+            beta = beta * real                                           # padding: β = 0, a no-op
+            self.last_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
             read, S = delta_rule_scan(q, k, v, beta, S, **scan)
         else:                                                            # SSW: every line writes once
             read, S = self._segment_write(h, q, S, n_windows, seg, scan)
@@ -438,7 +440,9 @@ class DeltaMemory(nn.Module):
         count = onehot.sum(1)                                            # (N, M) tokens per line
         pooled = onehot.transpose(1, 2) @ h / count.clamp_min(1)[..., None]  # (N, M, d) line means
         k, v, beta = self._project(pooled.reshape(B, W * M, d))          # (B, H, W·M, ·)
-        beta = beta * (count > 0).to(beta.dtype).reshape(B, 1, W * M, 1)  # empty lines never write
+        real = (count > 0).to(beta.dtype).reshape(B, 1, W * M, 1)
+        beta = beta * real                                               # empty lines never write
+        self.last_beta = beta.sum() / (real.sum() * H * beta.size(-1))  # mean β (regulariser)
 
         def steps(tok, line):                                            # (B, H, W, L+M, ·) interleave
             return torch.cat([tok.reshape(B, H, W, L, -1), line.reshape(B, H, W, M, -1)], 3).flatten(2, 3)

@@ -747,9 +747,6 @@ def load_jsonl(path) -> list[Episode]:
     return episodes
 
 
-# --------------------------------------------------------------------------------------------------------
-
-
 # --- Tokenised batches (model-facing) ---------------------------------------------------------
 # The memory sees an episode as: history windows (one session, or a block-sized slice of it, per
 # window; attention never crosses a window, the memory state runs through all of them), then the

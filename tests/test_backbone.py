@@ -1,0 +1,141 @@
+"""The backbone GPT and train_backbone.py: shapes, causality, the loss, checkpoints and resuming."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_backbone as TB
+from nanodeltamem import GPT, GPTConfig, IGNORE_INDEX, load_backbone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+def test_shapes_and_tied_head():
+    model = tiny()
+    logits, loss = model(torch.randint(0, 50, (3, 10)))
+    assert logits.shape == (3, 10, 50) and loss is None
+    assert model.lm_head.weight is model.wte.weight
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.randint(0, 50, (1, 17)))
+
+
+def test_causality_future_tokens_never_change_past_logits():
+    model = tiny()
+    x = torch.randint(0, 50, (2, 12))
+    y = x.clone()
+    y[:, 7:] = torch.randint(0, 50, (2, 5))
+    a, _ = model(x)
+    b, _ = model(y)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_loss_is_hand_computed_cross_entropy_and_respects_ignore_index():
+    model = tiny()
+    x = torch.randint(0, 50, (2, 4))
+    t = torch.tensor([[3, IGNORE_INDEX, 7, 1], [IGNORE_INDEX, IGNORE_INDEX, 0, 49]])
+    logits, loss = model(x, t)
+    terms = []
+    for b in range(2):
+        for i in range(4):
+            if t[b, i] != IGNORE_INDEX:
+                row = logits[b, i].double()
+                terms.append(math.log(row.exp().sum().item()) - row[t[b, i]].item())
+    assert abs(loss.item() - sum(terms) / len(terms)) < 1e-4
+    t2 = t.clone()
+    t2[0, 1] = 5                                                        # labelling an ignored slot changes it
+    assert abs(model(x, t2)[1].item() - loss.item()) > 1e-6
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny()
+    x = torch.randint(0, 50, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_generate_greedy_matches_argmax_loop():
+    model = tiny()
+    start = torch.randint(0, 50, (2, 3))
+    out = model.generate(start, 5, temperature=0)
+    idx = start
+    for _ in range(5):
+        idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, idx)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data import prepare
+    d = tmp_path_factory.mktemp("data")
+    corpus = d / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(800)))
+    return prepare.prepare(corpus=str(corpus), vocab_size=300, task_share=0.3, task_docs=40, out=str(d / "prep"))
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=16",
+            "--block_size=64", "--batch_size=4", "--eval_interval=3", "--eval_iters=2", "--log_interval=3",
+            "--warmup_iters=2", "--eval_episodes=2", *extra]
+
+
+def test_save_load_identical_logits_and_resume_continues(data_dir, tmp_path, monkeypatch):
+    cfg = lambda out, *extra: TB.parse_config(tiny_args(data_dir, out, "--max_iters=9", *extra), TB.DEFAULTS, TB.PRESETS)
+    straight_path = TB.train(cfg(tmp_path / "straight"))
+    model, ckpt = load_backbone(straight_path)
+    x = torch.randint(0, 300, (2, 20))
+    twin, _ = load_backbone(straight_path)
+    assert ckpt["iter_num"] == 9 and torch.equal(model(x)[0], twin(x)[0])
+    # a run interrupted (Ctrl-C) after 7 iterations, then resumed, ends where the straight run ends
+    real_batch, calls = TB.Rows.batch, []
+
+    def interrupt_at_8th(self, *a):
+        if len(calls) == 2 + 7:                                          # 2 fixed val batches + 7 iterations
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_batch(self, *a)
+
+    monkeypatch.setattr(TB.Rows, "batch", interrupt_at_8th)
+    with pytest.raises(SystemExit):
+        TB.train(cfg(tmp_path / "run"))
+    monkeypatch.setattr(TB.Rows, "batch", real_batch)
+    assert load_backbone(tmp_path / "run" / "backbone.pt")[1]["iter_num"] == 7
+    resumed, ck = load_backbone(TB.train(cfg(tmp_path / "run", "--resume")))
+    assert ck["iter_num"] == 9
+    assert ck["optimizer"]["state"][0]["step"].item() == 9             # the optimizer state came along
+    for (n, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    # resuming with another architecture is refused
+    with pytest.raises(TB.UserError, match="resume with the same options"):
+        TB.train(cfg(tmp_path / "run", "--resume", "--n_embd=32"))
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--max_iters=5e3"], "expects a int"),
+    (["--nonsense=1"], "unknown option --nonsense"),
+    (["--preset=tpu"], "unknown preset"),
+    (["--max_iters=0"], "must be > 0"),
+    (["--data_dir=/nonexistent/dir"], "python data/prepare.py"),
+    (["--out_dir=/proc/forbidden"], "cannot write to out_dir"),
+])
+def test_bad_input_is_one_line_error(args, msg):
+    r = subprocess.run([sys.executable, "train_backbone.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr

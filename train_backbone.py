@@ -1,0 +1,399 @@
+"""
+Pretrain the backbone GPT on the prepared mix (corpus + task-format documents).
+
+    python train_backbone.py                      # cpu preset: 4 layers, width 128, block 256
+    python train_backbone.py --preset=gpu         # 6 layers, width 384, block 512
+    python train_backbone.py --max_iters=200 --out_dir=out-small
+    python train_backbone.py --resume             # continue from <out_dir>/backbone.pt
+
+Any config key below can be overridden with --key=value. nanoGPT's anatomy: config, data, model,
+optimizer, a training loop with periodic evaluation and checkpoints, then a short report.
+"""
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from nanodeltamem import GPT, GPTConfig, autodetect_device, save_atomic, load_checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# config: defaults, then a preset, then --key=value overrides
+# ----------------------------------------------------------------------------------------------
+DEFAULTS = dict(
+    preset="cpu",
+    data_dir="data/pydoc",      # made by data/prepare.py (run automatically for the default corpus)
+    out_dir="out",
+    resume=False,
+    seed=1337,
+    device="auto",              # auto: cuda > mps > cpu
+    compile=False,
+    # model
+    n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0,
+    # optimisation
+    batch_size=16, max_iters=1000, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100,
+    weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+    # logging / evaluation
+    eval_interval=250, eval_iters=8, log_interval=25, eval_episodes=200,
+)
+PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1000,
+                learning_rate=2e-3, min_lr=2e-4, warmup_iters=100),
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=64, max_iters=3000,
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20),
+}
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, never a stack trace."""
+
+
+def parse_config(argv, defaults, presets):
+    """defaults <- preset <- --key=value, each value checked against the default's type."""
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: options look like --key=value")
+        key, eq, val = arg[2:].partition("=")
+        if key not in defaults:
+            raise UserError(f"unknown option --{key}; valid options: {', '.join('--' + k for k in defaults)}")
+        overrides[key] = convert(key, val if eq else "true", defaults[key])
+    cfg = dict(defaults)
+    preset = overrides.get("preset", cfg["preset"])
+    if preset not in presets:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    cfg.update(presets[preset])
+    cfg.update(overrides)
+    return cfg
+
+
+def convert(key, val, default):
+    kind = type(default)
+    try:
+        if kind is bool:
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return val.lower() in ("true", "1")
+        if kind is int:
+            return int(val)
+        if kind is float:
+            return float(val)
+        return val
+    except ValueError:
+        hint = " (write it as a whole number, e.g. 5000)" if kind is int else ""
+        raise UserError(f"--{key} expects a {kind.__name__}, got {val!r}{hint}") from None
+
+
+def check_positive(cfg, keys):
+    for k in keys:
+        if cfg[k] <= 0:
+            raise UserError(f"--{k} must be > 0, got {cfg[k]}")
+
+
+def writable_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {path!r} ({e.strerror}): pass --out_dir=<a writable folder>")
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def ensure_data(data_dir):
+    """Load the prepared data; prepare the default corpus on the spot if it is missing."""
+    from data.prepare import DataError, load_meta, prepare
+    try:
+        return load_meta(data_dir)
+    except DataError as e:
+        if os.path.normpath(data_dir) != os.path.normpath(DEFAULTS["data_dir"]):
+            raise UserError(str(e))
+        print(f"{data_dir} is missing: preparing it now (python data/prepare.py)")
+        prepare(corpus="pydoc")
+        return load_meta(data_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# answering questions greedily (shared with train_memory.py)
+# ----------------------------------------------------------------------------------------------
+
+def normalize_answer(s):
+    return s.strip().strip(".!?,;:").strip().lower()
+
+
+@torch.no_grad()
+def greedy_answers(logits_fn, prompts, enc, max_new_tokens=6, batch_size=64):
+    """Greedy-decode an answer for every prompt (a list of token lists), stopping at a newline.
+
+    logits_fn(idx (b, T), rows) -> logits (b, T, V); `rows` are the prompts' indices, so a memory
+    model can give each row its own episode's state. Prompts of equal length share a batch.
+    """
+    newline = enc.encode_ordinary("\n")[0]
+    out = [None] * len(prompts)
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for _, rows_all in sorted(by_len.items()):
+        for s in range(0, len(rows_all), batch_size):
+            rows = rows_all[s:s + batch_size]
+            idx = torch.tensor([prompts[i] for i in rows], dtype=torch.long)
+            new = []
+            for _ in range(max_new_tokens):
+                nxt = logits_fn(idx, rows)[:, -1].argmax(-1, keepdim=True)  # (b, 1)
+                new.append(nxt)
+                idx = torch.cat([idx, nxt], 1)
+                if bool((torch.cat(new, 1) == newline).any(1).all()):
+                    break
+            new = torch.cat(new, 1).tolist()
+            for i, toks in zip(rows, new):
+                toks = toks[:toks.index(newline)] if newline in toks else toks
+                out[i] = enc.decode(toks)
+    return out
+
+
+def context_exact_match(model, enc, episodes, with_history, device="cpu", max_new_tokens=6):
+    """Exact match of the bare backbone on task questions, with the history in its context or not.
+
+    The prompt is the history (left-truncated to fit the block) + "Q: <question>\\nA:".
+    Returns {family: accuracy} and the macro average under "macro".
+    """
+    from data import tasks
+    block = model.config.block_size - max_new_tokens
+    prompts, gold, fams = [], [], []
+    for ep in episodes:
+        hist = enc.encode_ordinary(tasks.render_history(ep)) if with_history else []
+        for q in ep.questions:
+            ask = enc.encode_ordinary(f"Q: {q.q}\nA:")
+            prompts.append((hist + ask)[-block:])
+            gold.append(q.a)
+            fams.append(q.family)
+    fn = lambda idx, rows: model(idx.to(device))[0].float().cpu()
+    preds = greedy_answers(fn, prompts, enc, max_new_tokens)
+    return score(preds, gold, fams)
+
+
+def score(preds, gold, fams):
+    per = {}
+    for p, g, f in zip(preds, gold, fams):
+        per.setdefault(f, []).append(normalize_answer(p) == normalize_answer(g))
+    res = {f: float(np.mean(v)) for f, v in sorted(per.items())}
+    res["macro"] = float(np.mean(list(res.values()))) if res else 0.0
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+
+class Rows:
+    """Training rows of block_size + 1 tokens from a .bin file laid out as [corpus][EOT doc EOT doc ...].
+
+    With probability task_share a row starts at a task document's first token (the whole episode then
+    sits in the context, as the backbone must learn to answer from it); otherwise at a random corpus
+    offset. The choice depends only on the generator, so a run resumes with the same batches.
+    """
+
+    def __init__(self, data, corpus_tokens, eot, task_share, block_size):
+        self.data, self.T, self.share, self.n_corpus = data, block_size, task_share, corpus_tokens
+        tail = np.asarray(data[corpus_tokens + 1:])
+        ends = np.flatnonzero(tail == eot)                               # every document ends with EOT
+        starts = corpus_tokens + 1 + np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.array([], int)
+        self.doc_starts = starts[starts + block_size + 1 <= len(data)]
+        if self.n_corpus < block_size + 2 and not len(self.doc_starts):
+            raise UserError(f"the prepared data has fewer than block_size={block_size} tokens: use a bigger corpus "
+                            f"or a smaller --block_size")
+
+    def batch(self, batch_size, gen):
+        task = torch.rand(batch_size, generator=gen) < self.share
+        if not len(self.doc_starts):
+            task[:] = False
+        if self.n_corpus < self.T + 2:
+            task[:] = True
+        off = torch.randint(max(1, self.n_corpus - self.T - 1), (batch_size,), generator=gen).numpy()
+        doc = self.doc_starts[torch.randint(max(1, len(self.doc_starts)), (batch_size,), generator=gen).numpy()
+                              % max(1, len(self.doc_starts))] if len(self.doc_starts) else off
+        ix = np.where(task.numpy(), doc, off)
+        rows = torch.stack([torch.from_numpy(self.data[i:i + self.T + 1].astype(np.int64)) for i in ix])
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()       # x, y: (B, T) each
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr."""
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
+    frac = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def make_optimizer(model, cfg):
+    decay = [p for p in model.parameters() if p.dim() >= 2]              # matrices and embeddings
+    no_decay = [p for p in model.parameters() if p.dim() < 2]            # LayerNorm gains, biases
+    groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
+
+
+def save_loss_plot(history, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("train", "-"), ("val", "o-")):
+        pts = [(h["iter"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key, markersize=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(cfg):
+    """Train (or resume) the backbone described by cfg; returns the checkpoint path."""
+    from data.prepare import DataError, load_split, load_tokenizer
+    check_positive(cfg, ("max_iters", "batch_size", "block_size", "n_layer", "n_head", "n_embd",
+                         "learning_rate", "eval_interval", "eval_iters", "log_interval"))
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise UserError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
+    writable_dir(cfg["out_dir"])
+    meta = ensure_data(cfg["data_dir"])
+    try:
+        train_data, val_data = load_split(cfg["data_dir"], "train"), load_split(cfg["data_dir"], "val")
+    except DataError as e:
+        raise UserError(str(e))
+    device = autodetect_device() if cfg["device"] == "auto" else cfg["device"]
+    torch.manual_seed(cfg["seed"])
+    gconf = GPTConfig(vocab_size=meta["vocab_size"], **{k: cfg[k] for k in MODEL_KEYS})
+    model = GPT(gconf)
+    optimizer = make_optimizer(model, cfg)
+    ckpt_path = os.path.join(cfg["out_dir"], "backbone.pt")
+    start, history = 0, []
+    if cfg["resume"]:
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; train first (drop --resume)")
+        ckpt = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
+        if ckpt["config"] != gconf.__dict__:
+            raise UserError(f"{ckpt_path} holds a model with config {ckpt['config']}, not {gconf.__dict__}: "
+                            f"resume with the same options, or use another --out_dir")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, history = ckpt["iter_num"], ckpt.get("history", [])
+        print(f"resuming from {ckpt_path} at iteration {start}")
+    model.to(device)
+    n_params = model.num_params()
+    print(f"backbone: {n_params / 1e6:.2f}M parameters, {gconf.n_layer} layers, width {gconf.n_embd}, "
+          f"block {gconf.block_size}, vocab {gconf.vocab_size}; device {device}; "
+          f"{len(train_data):,} training tokens")
+    train_step = torch.compile(model) if cfg["compile"] else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    share = meta.get("task_share", 0.0)
+    train_rows = Rows(train_data, meta.get("train_corpus_tokens", len(train_data) - 1), meta["eot_id"], share,
+                      gconf.block_size)
+    val_rows = Rows(val_data, meta.get("val_corpus_tokens", len(val_data) - 1), meta["eot_id"], share, gconf.block_size)
+    val_gen = torch.Generator().manual_seed(cfg["seed"] + 1)            # the same val batches every time
+    val_batches = [val_rows.batch(cfg["batch_size"], val_gen) for _ in range(cfg["eval_iters"])]
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        with autocast:
+            losses = [train_step(x.to(device), y.to(device))[1].item() for x, y in val_batches]
+        model.train()
+        return float(np.mean(losses))
+
+    def save(it):
+        raw = getattr(model, "_orig_mod", model)                          # never the compile wrapper
+        save_atomic(dict(model=raw.state_dict(), config=gconf.__dict__, optimizer=optimizer.state_dict(),
+                         iter_num=it, history=history, train_config=cfg,
+                         data=dict(dir=cfg["data_dir"], vocab_size=meta["vocab_size"],
+                                   corpus_sha256=meta.get("corpus_sha256"))), ckpt_path)
+
+    tokens_per_iter = cfg["batch_size"] * gconf.block_size
+    t0, t_last, running = time.time(), time.time(), []
+    it = start
+    try:
+        while it < cfg["max_iters"]:
+            gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + it)  # batch depends only on it
+            x, y = train_rows.batch(cfg["batch_size"], gen)
+            lr = lr_at(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                _, loss = train_step(x.to(device), y.to(device))
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at iteration {it}; the last good checkpoint is "
+                                f"{ckpt_path}. Try a lower --learning_rate (now {cfg['learning_rate']})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            optimizer.step()
+            running.append(loss.item())
+            it += 1
+            if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
+                dt = (time.time() - t_last) / len(running)
+                eta = dt * (cfg["max_iters"] - it)
+                print(f"iter {it:5d}/{cfg['max_iters']} | loss {np.mean(running):.3f} | lr {lr:.1e} | "
+                      f"{dt * 1000:.0f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_time(eta)}", flush=True)
+                history.append(dict(iter=it, train=float(np.mean(running))))
+                running, t_last = [], time.time()
+            if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
+                vl = val_loss()
+                history.append(dict(iter=it, val=vl))
+                save(it)
+                print(f"iter {it:5d} | val loss {vl:.3f} | saved {ckpt_path}", flush=True)
+                t_last = time.time()
+    except KeyboardInterrupt:
+        save(it)
+        print(f"\ninterrupted at iteration {it}: checkpoint saved to {ckpt_path}.\n"
+              f"Resume with: python train_backbone.py --resume --out_dir={cfg['out_dir']}"
+              + (f" --preset={cfg['preset']}" if cfg["preset"] != "cpu" else ""))
+        sys.exit(130)
+    if it == start and start > 0:
+        print(f"{ckpt_path} already trained for {start} iterations (--max_iters={cfg['max_iters']})")
+    print(f"training took {fmt_time(time.time() - t0)}")
+    if history:
+        plot = os.path.join(cfg["out_dir"], "backbone_loss.png")
+        save_loss_plot(history, plot, f"backbone pretraining ({n_params / 1e6:.2f}M params)")
+        print(f"loss curve: {plot}")
+    report(model, load_tokenizer(cfg["data_dir"]), cfg, device)
+    return ckpt_path
+
+
+def report(model, enc, cfg, device):
+    """A few lines of sampled text, then exact match on unseen task episodes with/without history."""
+    from data import tasks
+    model.eval()
+    start = torch.tensor([enc.encode_ordinary("\n")], device=device)
+    torch.manual_seed(cfg["seed"])
+    sample = model.generate(start, 80, temperature=0.8, top_k=50)[0].tolist()
+    print("--- sample ---\n" + enc.decode(sample[1:]).strip() + "\n--------------")
+    episodes = tasks.make_episodes(cfg["eval_episodes"] // 2, seed=987654, task="msqa", preset="small", split="iid")
+    for with_history in (True, False):
+        res = context_exact_match(model, enc, episodes, with_history, device)
+        fams = " ".join(f"{f} {v:.2f}" for f, v in res.items() if f != "macro")
+        print(f"exact match on {len(episodes)} unseen small episodes, history "
+              f"{'in context  ' if with_history else 'not in context'}: macro {res['macro']:.2f} ({fams})")
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
+        train(cfg)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,581 @@
+"""
+Freeze the backbone, attach δ-mem, train only the memory, and judge it against every baseline.
+
+    python train_memory.py                        # the main job: data, backbone, memories, results
+    python train_memory.py --write=segment --heads=4 --out_dir=out-msw
+    python train_memory.py --eval_only --memory=out/memory_deltamem.pt --episodes=my.jsonl
+
+An episode is a history (dated chat sessions) plus questions. Training, per batch of episodes:
+  1. write pass: stream every history window through the frozen GPT with writes on; the state runs
+     through all windows, gradients flow back through every write (BPTT);
+  2. read pass: writes off, the context is only "Q: ...\\nA:" (plus optionally the last W history
+     tokens); cross-entropy on the answer tokens only;
+  3. + 0.01 (mean β of the write pass - 0.05)²: write sparingly.
+Then every condition of design.md §5 is evaluated on the same held-out episodes.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
+                          save_atomic, IGNORE_INDEX)
+from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, normalize_answer,
+                            check_positive, save_loss_plot)
+import train_backbone
+
+DEFAULTS = dict(
+    preset="cpu",
+    backbone="out/backbone.pt",   # trained first (train_backbone.py) when missing and left at default
+    out_dir="out",
+    data_dir="data/pydoc",
+    task="msqa",                  # msqa | recall | mix
+    episode_preset="small",       # size of the training/evaluation episodes (data/tasks.py presets)
+    # the memory (nanodeltamem.MemoryConfig)
+    key_dim=8, rank=8, heads=1, write="token", sides="qo", update="delta", gates="rowwise",
+    layers="all", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8,
+    # training
+    max_iters=300, batch_size=16, learning_rate=1e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
+    beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
+    log_interval=20, val_episodes=64,
+    # evaluation
+    baselines="lora,hebbian",     # which trained baselines to train and compare ("" for none)
+    eval_episodes=24,             # held-out episodes per split (iid and every held-out axis)
+    budget=64,                    # the non-zero read budget (history tokens in context)
+    eval_only=False, memory="", episodes="",
+)
+PRESETS = {
+    "cpu": dict(),
+    "gpu": dict(batch_size=32, max_iters=2000, eval_episodes=200, val_episodes=256,
+                backbone="out-gpu/backbone.pt", out_dir="out-gpu"),
+}
+EVAL_SPLITS = ["iid", "names", "values", "statements", "questions", "distractors", "structure", "all"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the parametric baseline: LoRA-style adapters on the same two sides, no memory at all
+# ----------------------------------------------------------------------------------------------
+
+class LoRA(nn.Module):
+    """dq = s B_q A_q h, do = s B_o A_o h: a fixed low-rank update of W_q (and of the layer output)."""
+
+    def __init__(self, d, rank, alpha, sides):
+        super().__init__()
+        self.down = nn.ModuleDict({s: nn.Linear(d, rank, bias=False) for s in sides})
+        self.up = nn.ModuleDict({s: nn.Linear(rank, d, bias=False) for s in sides})
+        for up in self.up.values():
+            nn.init.zeros_(up.weight)                                     # starts as the backbone
+        self.scale = alpha / rank
+
+    def forward(self, h, *unused):
+        out = {s: self.scale * self.up[s](self.down[s](h)) for s in self.down}  # (B, T, d) each
+        return out.get("q"), out.get("o")
+
+
+class LoRAGPT(DeltaMemGPT):
+    """Same interface as DeltaMemGPT (so one loop trains both), but nothing is ever written."""
+
+    def __init__(self, gpt, mcfg, rank):
+        super().__init__(gpt, mcfg)
+        self.memories = nn.ModuleDict({i: LoRA(gpt.config.n_embd, rank, mcfg.alpha, mcfg.sides)
+                                       for i in self.memories})
+
+    def reset_memory(self):
+        pass
+
+    def memory_state(self):
+        return []
+
+    def forward(self, idx, targets=None, write=False, mask=None, seg=None):
+        if write:
+            return None, None                                            # a LoRA has no memory to write
+        return super().forward(idx, targets)
+
+
+def lora_rank_for(mcfg, d):
+    """The LoRA rank whose parameter count matches one δ-mem layer's (q and o sides)."""
+    H, dk, r = mcfg.heads, mcfg.key_dim, mcfg.rank
+    gate = H * (r if mcfg.gates == "rowwise" else 1)
+    mem = d * H * (2 * dk + r) + (d + 1) * gate + len(mcfg.sides) * d * H * r
+    return max(1, round(mem / (2 * len(mcfg.sides) * d)))
+
+
+# ----------------------------------------------------------------------------------------------
+# building models
+# ----------------------------------------------------------------------------------------------
+
+def memory_config(cfg, **over):
+    layers = None if cfg["layers"] == "all" else tuple(int(x) for x in str(cfg["layers"]).split(","))
+    kw = dict(key_dim=cfg["key_dim"], rank=cfg["rank"], heads=cfg["heads"], write=cfg["write"],
+              sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
+              gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"] or None)
+    kw.update(over)
+    try:
+        return MemoryConfig(**kw)
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+def condition_name(cfg):
+    """deltamem for the defaults, with suffixes for variants (deltamem_ssw, deltamem_msw4, ...)."""
+    name = "deltamem"
+    if cfg["write"] == "segment":
+        name += "_ssw"
+    if cfg["heads"] > 1:
+        name += f"_msw{cfg['heads']}"
+    if cfg["sides"] != "qo":
+        name += f"_{cfg['sides']}"
+    if cfg["update"] == "hebbian":
+        name = name.replace("deltamem", "hebbian")
+    return name
+
+
+def build(kind, gpt, cfg):
+    if kind == "lora":
+        mcfg = memory_config(cfg, update="delta")
+        return LoRAGPT(gpt, mcfg, lora_rank_for(mcfg, gpt.config.n_embd))
+    if kind == "hebbian":
+        return DeltaMemGPT(gpt, memory_config(cfg, update="hebbian"))
+    return DeltaMemGPT(gpt, memory_config(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+
+def sample_episodes(rng, cfg, n, split="train"):
+    from data import tasks
+    out = []
+    for _ in range(n):
+        task = cfg["task"] if cfg["task"] != "mix" else ("msqa" if rng.random() < 0.5 else "recall")
+        out.append(tasks.make_episode(rng, task=task, preset=cfg["episode_preset"], split=split))
+    return out
+
+
+def beta_mean(model):
+    """Mean write strength over the last write pass (the regulariser's input)."""
+    vals = [m.last_beta for m in model.memories.values() if getattr(m, "last_beta", None) is not None]
+    return torch.stack(vals).mean() if vals else None
+
+
+def episode_loss(model, batch, cfg, device):
+    """Write pass over the histories, then the answer loss of the read pass (+ the β regulariser)."""
+    model.reset_memory()
+    model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device))
+    _, loss = model(batch["qx"].to(device), batch["qy"].to(device))
+    b = beta_mean(model)
+    if b is not None:
+        loss = loss + cfg["beta_reg"] * (b - cfg["beta_target"]) ** 2
+    return loss
+
+
+def train_one(kind, name, gpt, enc, cfg, device):
+    """Train one memory (or the LoRA baseline); resumes from / reuses <out_dir>/memory_<name>.pt."""
+    from data import tasks
+    model = build(kind, gpt, cfg).to(device)
+    path = os.path.join(cfg["out_dir"], f"memory_{name}.pt")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0)
+    start, history = 0, []
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path, required=("memory", "mem_config", "backbone_hash"))
+        if ckpt["backbone_hash"] != model.backbone_hash or ckpt.get("train_config", {}).get("kind") != kind:
+            raise UserError(f"{path} belongs to another backbone or model; delete it or use another --out_dir")
+        model.memories.load_state_dict(ckpt["memory"])
+        if "optimizer" in ckpt:
+            opt.load_state_dict(ckpt["optimizer"])
+        start, history = ckpt.get("iter_num", cfg["max_iters"]), ckpt.get("history", [])
+        if start >= cfg["max_iters"]:
+            print(f"[{name}] already trained ({path}, {start} iterations): reusing it")
+            return model
+        print(f"[{name}] resuming from {path} at iteration {start}")
+    t, f = model.param_counts()
+    print(f"[{name}] training {t:,} parameters ({100 * t / (t + f):.2f}% of {t + f:,}); backbone frozen")
+    pad = enc.eot_token
+    val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7), cfg, cfg["val_episodes"], split="train")
+
+    def save(it):
+        model.save_memory(path, optimizer=opt.state_dict(), iter_num=it, history=history,
+                          train_config=dict(cfg, kind=kind))
+
+    def lr_at(it):
+        return train_backbone.lr_at(it, dict(cfg, learning_rate=cfg["learning_rate"]))
+
+    t0 = t_last = time.time()
+    running, accs = [], []
+    it = start
+    try:
+        while it < cfg["max_iters"]:
+            rng = np.random.default_rng([cfg["seed"], it])                # batch depends only on it
+            eps = sample_episodes(rng, cfg, cfg["batch_size"])
+            batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, cfg["read_window"])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it)
+            model.train()
+            loss = episode_loss(model, batch, cfg, device)
+            if not torch.isfinite(loss):
+                raise UserError(f"[{name}] loss became {loss.item()} at iteration {it}; the last good checkpoint "
+                                f"is {path}. Try a lower --learning_rate (now {cfg['learning_rate']})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            opt.step()
+            running.append(loss.item())
+            it += 1
+            if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
+                acc = answer_accuracy(model, enc, val_eps, cfg, device)
+                dt = (time.time() - t_last) / len(running)
+                ntok = batch["hist"].numel() + batch["qx"].numel()
+                b = beta_mean(model)
+                print(f"[{name}] iter {it:4d}/{cfg['max_iters']} | loss {np.mean(running):.3f} | val answer acc "
+                      f"{acc:.2f} | β {b.item() if b is not None else 0:.3f} | {dt * 1000:.0f} ms/iter | "
+                      f"{ntok / dt:,.0f} tok/s | ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
+                history.append(dict(iter=it, train=float(np.mean(running)), val_acc=acc))
+                running, t_last = [], time.time()
+                save(it)
+    except KeyboardInterrupt:
+        save(it)
+        print(f"\ninterrupted at iteration {it}: saved {path}. Re-run the same command to resume.")
+        sys.exit(130)
+    save(it)
+    print(f"[{name}] trained in {fmt_time(time.time() - t0)}; saved {path}")
+    return model
+
+
+@torch.no_grad()
+def answer_accuracy(model, enc, episodes, cfg, device):
+    """Teacher-forced accuracy: every answer token is the argmax (a fast proxy for exact match)."""
+    from data import tasks
+    model.eval()
+    batch = tasks.collate_episodes(enc, episodes, model.gpt.config.block_size, enc.eot_token, cfg["read_window"])
+    model.reset_memory()
+    model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device))
+    logits, _ = model(batch["qx"].to(device))
+    y = batch["qy"].flatten(0, 1).to(device)                            # (B·Q, Lq)
+    ok = (logits.argmax(-1) == y) | (y == IGNORE_INDEX)
+    has = (y != IGNORE_INDEX).any(-1)
+    model.train()
+    return float(ok.all(-1)[has].float().mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: every condition on the same held-out episodes
+# ----------------------------------------------------------------------------------------------
+
+STOPWORDS = set("q a the is does did what where which who in of to and at as s his her their now before "
+                "after was we that it be has have with".split())
+
+
+def words(text):
+    import re
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOPWORDS}
+
+
+def retrieval_context(enc, ep, q, budget):
+    """Textual memory: history lines ranked by word overlap with the question, as many as fit the
+    budget, put back in their original order."""
+    lines = [(i, line) for i, line in enumerate(l for s in ep.sessions for l in s)]
+    qw = words(q.q)
+    ranked = sorted(lines, key=lambda il: (-len(words(il[1]) & qw), -il[0]))
+    chosen, used = [], 0
+    for i, line in ranked:
+        if not words(line) & qw:
+            break
+        n = len(enc.encode_ordinary(line + "\n"))
+        if used + n <= budget:
+            chosen.append((i, line))
+            used += n
+    return enc.encode_ordinary("".join(line + "\n" for _, line in sorted(chosen)))
+
+
+@torch.no_grad()
+def write_states(model, enc, episodes, device, chunk=32):
+    """Write every episode's history; returns, per memory layer, the final states (E, H, r, d_k)."""
+    from data import tasks
+    model.eval()
+    per_layer = None
+    for s in range(0, len(episodes), chunk):
+        b = tasks.collate_episodes(enc, episodes[s:s + chunk], model.gpt.config.block_size, enc.eot_token)
+        model.reset_memory()
+        model(b["hist"].to(device), write=True, mask=b["mask"].to(device), seg=b["seg"].to(device))
+        states = model.memory_state()
+        per_layer = states if per_layer is None else [torch.cat([a, x]) for a, x in zip(per_layer, states)]
+    return per_layer
+
+
+def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
+    """Answer every question of every episode with the given read context; returns predictions."""
+    block = (model.gpt if model is not None else gpt).config.block_size - 6
+    prompts, owner = [], []
+    for e, ep in enumerate(episodes):
+        for q in ep.questions:
+            ctx = context(ep, q)
+            prompts.append((ctx + enc.encode_ordinary(f"Q: {q.q}\nA:"))[-block:])
+            owner.append(e)
+    hist_tokens = float(np.mean([len(p) for p in prompts])) - float(np.mean(
+        [len(enc.encode_ordinary(f"Q: {q.q}\nA:")) for ep in episodes for q in ep.questions]))
+    if model is None:
+        fn = lambda idx, rows: gpt(idx.to(device))[0].float().cpu()
+    else:
+        states = write_states(model, enc, episodes, device)
+        def fn(idx, rows):
+            ids = torch.tensor([owner[r] for r in rows], device=device)
+            model.set_memory_state([s[ids] for s in states])
+            return model(idx.to(device))[0].float().cpu()
+    return greedy_answers(fn, prompts, enc), max(0.0, hist_tokens)
+
+
+def score_condition(preds, episodes):
+    per, stale = {}, []
+    i = 0
+    for ep in episodes:
+        for q in ep.questions:
+            p = normalize_answer(preds[i])
+            per.setdefault(q.family, []).append(p == normalize_answer(q.a))
+            if q.family == "update" and q.stale:
+                stale.append(p in {normalize_answer(s) for s in q.stale})
+            i += 1
+    per_family = {f: float(np.mean(v)) for f, v in sorted(per.items())}
+    return dict(macro_em=float(np.mean(list(per_family.values()))), per_family=per_family,
+                stale_rate=float(np.mean(stale)) if stale else None, n_questions=i)
+
+
+def conditions(cfg, enc, gpt, memories):
+    """name -> (context function, model or None). memories: {name: trained model}."""
+    from data import tasks
+    W = cfg["budget"]
+    none = lambda ep, q: []
+    full = lambda ep, q: enc.encode_ordinary(tasks.render_history(ep))
+    recent = lambda ep, q: tasks.recent_tokens(enc, ep, W)
+    conds = {"no_history": (none, None), "full_context": (full, None), "recent_window": (recent, None),
+             "retrieval": (lambda ep, q: retrieval_context(enc, ep, q, W), None)}
+    for name, m in memories.items():
+        conds[name] = (none, m)
+        conds[f"{name}_w{W}"] = (recent, m)
+        if name.startswith("deltamem"):
+            conds[f"{name}_full_context"] = (full, m)
+    return conds
+
+
+def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
+    from data import tasks
+    if episodes_by_split is None:
+        task = "msqa" if cfg["task"] in ("msqa", "mix") else "recall"
+        episodes_by_split = {s: tasks.make_episodes(cfg["eval_episodes"], seed=10_000 + i, task=task,
+                                                    preset=cfg["episode_preset"], split=s)
+                             for i, s in enumerate(EVAL_SPLITS)}
+    all_eps = [ep for eps in episodes_by_split.values() for ep in eps]
+    conds = conditions(cfg, enc, gpt, memories)
+    results, per_split = {}, {}
+    t0 = time.time()
+    print(f"evaluating {len(conds)} conditions on {len(all_eps)} held-out episodes "
+          f"({sum(len(e.questions) for e in all_eps)} questions; splits: {', '.join(episodes_by_split)})")
+    for n, (name, (ctx, model)) in enumerate(conds.items()):
+        preds, hist_tokens = run_condition(enc, all_eps, ctx, model, gpt, device)
+        res = score_condition(preds, all_eps)
+        params = model.param_counts()[0] if model is not None else 0
+        results[name] = dict(res, history_tokens_in_context=hist_tokens, trainable_params=params)
+        i = 0
+        for split, eps in episodes_by_split.items():
+            nq = sum(len(e.questions) for e in eps)
+            per_split.setdefault(split, {})[name] = score_condition(preds[i:i + nq], eps)["macro_em"]
+            i += nq
+        el = time.time() - t0
+        print(f"  {name:28s} macro EM {res['macro_em']:.3f} | history tokens {hist_tokens:6.1f} | "
+              f"ETA {fmt_time(el / (n + 1) * (len(conds) - n - 1))}", flush=True)
+    return results, per_split
+
+
+@torch.no_grad()
+def general_val_loss(cfg, enc, gpt, model, device, n_batches=8):
+    """LM loss on held-out corpus text: bare backbone vs memory attached after an unrelated write."""
+    from data import tasks
+    from data.prepare import load_meta, load_split
+    data = load_split(cfg["data_dir"], "val")
+    n_corpus = load_meta(cfg["data_dir"]).get("val_corpus_tokens", len(data))
+    T = gpt.config.block_size
+    gen = torch.Generator().manual_seed(0)
+    ix = torch.randint(max(1, n_corpus - T - 1), (n_batches * 8,), generator=gen).tolist()  # corpus text only
+    x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix]).to(device)
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix]).to(device)
+    base = float(np.mean([gpt(xb, yb)[1].item() for xb, yb in zip(x.split(8), y.split(8))]))
+    eps = tasks.make_episodes(len(ix), seed=4242, task="msqa", preset=cfg["episode_preset"], split="iid")
+    states = write_states(model, enc, eps, device)                      # an unrelated history
+    losses = []
+    for s in range(0, len(ix), 8):
+        model.set_memory_state([st[s:s + 8] for st in states])
+        losses.append(model(x[s:s + 8], y[s:s + 8])[1].item())
+    return dict(backbone=base, with_memory=float(np.mean(losses)))
+
+
+def results_table(results, budget):
+    fams = sorted({f for r in results.values() for f in r["per_family"]})
+    head = "| condition | history tokens in context | trainable params | macro EM | " + " | ".join(fams) + " |"
+    rows = [head, "|" + "---|" * (4 + len(fams))]
+    for name, r in results.items():
+        cells = [f"{r['per_family'].get(f, float('nan')):.2f}" for f in fams]
+        rows.append(f"| {name} | {r['history_tokens_in_context']:.0f} | {r['trainable_params']:,} | "
+                    f"**{r['macro_em']:.3f}** | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def ratios(results, dm_name, budget):
+    """δ-mem / frozen backbone and δ-mem / best non-δ-mem, at 0 history tokens (and at the budget)."""
+    dm = results[dm_name]["macro_em"]
+    non0 = {n: r["macro_em"] for n, r in results.items()
+            if not n.startswith("deltamem") and r["history_tokens_in_context"] < 0.5}
+    best0 = max(non0, key=non0.get)
+    out = dict(vs_frozen_backbone=dm / max(results["no_history"]["macro_em"], 1e-9),
+               vs_best_non_deltamem=dm / max(non0[best0], 1e-9), best_non_deltamem=best0)
+    w = f"{dm_name}_w{budget}"
+    if w in results:
+        nonw = {n: r["macro_em"] for n, r in results.items() if not n.startswith("deltamem")
+                and 0.5 <= r["history_tokens_in_context"] <= budget + 0.5}
+        if nonw:
+            bw = max(nonw, key=nonw.get)
+            out[f"vs_best_non_deltamem_at_{budget}"] = results[w]["macro_em"] / max(nonw[bw], 1e-9)
+            out[f"best_non_deltamem_at_{budget}"] = bw
+    return out
+
+
+def write_results(cfg, results, per_split, general, dm_name, extra=None):
+    out = dict(conditions=results, per_split=per_split, general_val_loss=general,
+               ratios=ratios(results, dm_name, cfg["budget"]), config=cfg, **(extra or {}))
+    path = os.path.join(cfg["out_dir"], "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    table = results_table(results, cfg["budget"])
+    r = out["ratios"]
+    md = (f"# Results ({cfg['task']}, episodes: {cfg['episode_preset']}, held-out splits: "
+          f"{', '.join(per_split)})\n\n{table}\n\n"
+          f"- δ-mem / frozen backbone (0 history tokens): **{r['vs_frozen_backbone']:.2f}x**\n"
+          f"- δ-mem / best non-δ-mem at 0 history tokens ({r['best_non_deltamem']}): "
+          f"**{r['vs_best_non_deltamem']:.2f}x**\n")
+    W = cfg["budget"]
+    if f"vs_best_non_deltamem_at_{W}" in r:
+        md += (f"- δ-mem / best non-δ-mem at {W} history tokens ({r[f'best_non_deltamem_at_{W}']}): "
+               f"**{r[f'vs_best_non_deltamem_at_{W}']:.2f}x**\n")
+    if general:
+        md += (f"- general validation loss: backbone {general['backbone']:.4f}, with memory attached after an "
+               f"unrelated write {general['with_memory']:.4f} "
+               f"({100 * (general['with_memory'] / general['backbone'] - 1):+.2f}%)\n")
+    md += "\nmacro EM per held-out split:\n\n| condition | " + " | ".join(per_split) + " |\n|---|" + \
+          "---|" * len(per_split) + "\n"
+    for name in results:
+        md += f"| {name} | " + " | ".join(f"{per_split[s][name]:.2f}" for s in per_split) + " |\n"
+    with open(os.path.join(cfg["out_dir"], "results.md"), "w") as f:
+        f.write(md)
+    print("\n" + md)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the main job
+# ----------------------------------------------------------------------------------------------
+
+def ensure_backbone(cfg):
+    """Load the backbone; train it first (saying so) when the default checkpoint is missing."""
+    path = cfg["backbone"]
+    if not os.path.exists(path):
+        if path != DEFAULTS["backbone"] and path != PRESETS.get(cfg["preset"], {}).get("backbone"):
+            raise UserError(f"backbone checkpoint {path} not found: train one with "
+                            f"`python train_backbone.py --out_dir={os.path.dirname(path) or '.'}`")
+        print(f"{path} not found: pretraining the backbone first (python train_backbone.py "
+              f"--preset={cfg['preset']})")
+        bcfg = parse_config([f"--preset={cfg['preset']}", f"--out_dir={os.path.dirname(path) or '.'}",
+                             f"--data_dir={cfg['data_dir']}"], train_backbone.DEFAULTS, train_backbone.PRESETS)
+        train_backbone.train(bcfg)
+    try:
+        gpt, ckpt = load_backbone(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e))
+    return gpt, ckpt
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
+    check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval"))
+    if cfg["task"] not in ("msqa", "recall", "mix"):
+        raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, mix")
+    writable_dir(cfg["out_dir"])
+    from data.prepare import load_tokenizer, DataError
+    train_backbone.ensure_data(cfg["data_dir"])
+    enc = load_tokenizer(cfg["data_dir"])
+    device = autodetect_device() if cfg["device"] == "auto" else cfg["device"]
+    torch.manual_seed(cfg["seed"])
+    gpt, bckpt = ensure_backbone(cfg)
+    if gpt.config.vocab_size != enc.n_vocab:
+        raise UserError(f"backbone {cfg['backbone']} has vocabulary {gpt.config.vocab_size} but {cfg['data_dir']} "
+                        f"has {enc.n_vocab}: use the data it was trained on (--data_dir)")
+    gpt.to(device)
+    if cfg["eval_only"]:
+        return eval_only(cfg, enc, gpt, device)
+    memories = {}
+    dm_name = condition_name(cfg)
+    memories[dm_name] = train_one("deltamem" if cfg["update"] == "delta" else "hebbian", dm_name, gpt, enc, cfg, device)
+    for base in [b for b in cfg["baselines"].split(",") if b]:
+        if base not in ("lora", "hebbian"):
+            raise UserError(f"--baselines: unknown baseline {base!r}; choose from lora, hebbian")
+        if base == "hebbian" and cfg["update"] == "hebbian":
+            continue
+        memories[base] = train_one(base, base, gpt, enc, cfg, device)
+    results, per_split = evaluate(cfg, enc, gpt, memories, device)
+    general = general_val_loss(cfg, enc, gpt, memories[dm_name], device)
+    write_results(cfg, results, per_split, general, dm_name)
+    plot_results(results, os.path.join(cfg["out_dir"], "results.png"))
+
+
+def eval_only(cfg, enc, gpt, device):
+    from data import tasks
+    if not cfg["memory"] or not cfg["episodes"]:
+        raise UserError("--eval_only needs --memory=CKPT and --episodes=FILE.jsonl")
+    try:
+        model, ckpt = DeltaMemGPT.load_memory(cfg["memory"], gpt)
+        episodes = tasks.load_jsonl(cfg["episodes"])
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e))
+    model.to(device)
+    name = condition_name(dict(cfg, **{k: v for k, v in asdict_safe(model.mcfg).items() if k in cfg}))
+    results, per_split = evaluate(cfg, enc, gpt, {name: model}, device, {"file": episodes})
+    write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]))
+
+
+def asdict_safe(mcfg):
+    from dataclasses import asdict
+    return asdict(mcfg)
+
+
+def plot_results(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    fams = sorted({f for r in results.values() for f in r["per_family"]})
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4.5))
+    w = 0.8 / (len(fams) + 1)
+    for j, f in enumerate(fams + ["macro"]):
+        vals = [results[n]["macro_em"] if f == "macro" else results[n]["per_family"].get(f, 0) for n in names]
+        ax.bar(np.arange(len(names)) + j * w, vals, w, label=f, edgecolor="black" if f == "macro" else None)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2)
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("exact match")
+    ax.set_title("held-out episodes: exact match per condition and question family")
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
