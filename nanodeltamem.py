@@ -101,6 +101,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))                                # (B, T, C)
 
 
+def sinusoids(T, C):
+    """The Transformer's sinusoidal position code (T, C): position t+k is a rotation of position t."""
+    pos = torch.arange(T, dtype=torch.float32)[:, None]                  # (T, 1)
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, C, 2, dtype=torch.float32) / C)  # (C/2,)
+    pe = torch.zeros(T, C)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)[:, :C // 2]
+    return pe                                                            # (T, C)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -116,6 +125,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():                          # GPT-2: scale residual writes
             if name.endswith(("o_proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        with torch.no_grad():                                            # learned, but start as sinusoids:
+            self.wpe.weight.copy_(0.028 * sinusoids(cfg.block_size, cfg.n_embd))  # "look one token back" is
+                                                                         # then a linear map, quick to learn
 
     @staticmethod
     def _init_weights(m):
@@ -191,31 +203,26 @@ def delta_rule_recurrent(q, k, v, beta, state, decay=True, erase=True):
     """
     S = state
     reads = []
-    for t in range(q.size(2)):
-        b = beta[:, :, t, :, None]                                       # (B, H, r|1, 1) row gates
-        reads.append(S @ q[:, :, t, :, None])                            # (B, H, r, 1) read first
-        err = v[:, :, t, :, None]                                        # (B, H, r, 1)
+    steps = zip(q.unbind(2), k.unbind(2), v.unbind(2), beta.unbind(2))  # unbind: one cheap backward
+    for q_t, k_t, v_t, b_t in steps:                                     # (B, H, d_k|r|1) each
+        b = b_t[..., None]                                               # (B, H, r|1, 1) row gates
+        reads.append(S @ q_t[..., None])                                 # (B, H, r, 1) read first
+        err = v_t[..., None]                                             # (B, H, r, 1)
         if erase:
-            err = err - S @ k[:, :, t, :, None]                          # v - S k: what is missing
+            err = err - S @ k_t[..., None]                               # v - S k: what is missing
         keep = (1 - b) * S if decay else S                               # (B, H, r, d_k)
-        S = keep + b * err * k[:, :, t, None, :]                         # (B, H, r, d_k)
+        S = keep + b * err * k_t[..., None, :]                           # (B, H, r, d_k)
     return torch.cat(reads, dim=-1).transpose(-1, -2), S                # (B, H, T, r), final S
 
 
 def unit_lower_solve(A, rhs):
-    """X = (I + A)⁻¹ rhs for strictly lower-triangular A (..., C, C), by doubling.
+    """X = (I + A)⁻¹ rhs for strictly lower-triangular A (..., C, C): a batched triangular solve.
 
-    A is nilpotent (A^C = 0), so (I + A)⁻¹ = I - A + A² - ... = (I - A)(I + A²)(I + A⁴)...:
-    log2(C) batched matmuls instead of a sequential solve of C steps.
+    (A is nilpotent, so (I + A)⁻¹ = (I - A)(I + A²)(I + A⁴)... also works in log2(C) batched matmuls,
+    the usual choice on a GPU; on a CPU LAPACK's triangular solve measured ~8x faster for C = 8.)
     """
-    X = rhs - A @ rhs                                                    # (I - A) rhs
-    Ap, span = A @ A, 2                                                  # A², covers terms up to A³
-    while span < A.size(-1):
-        X = X + Ap @ X                                                   # (I + A^span) X
-        span *= 2
-        if span < A.size(-1):
-            Ap = Ap @ Ap
-    return X
+    eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
+    return torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
 
 
 def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=True):
@@ -266,19 +273,20 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
 
     to_end = (G[..., -1:, :] - G).exp()                                  # (B, H, n, R, C, 1) γ_C/γ_t
     gamma_C = G[..., -1:, :].exp()                                       # (B, H, n, R, 1, 1)
-    Bc = (to_end * u0).transpose(-1, -2) @ k                             # (B, H, n, R, m, d_k)
+    # k is shared by all gate groups R: contract it once per chunk (einsum batches over b, h, n)
+    Bc = torch.einsum("bhnrcm,bhncd->bhnrmd", to_end * u0, k[:, :, :, 0])  # (B, H, n, R, m, d_k)
     eye = torch.eye(dk, device=q.device, dtype=q.dtype)
     M = gamma_C * eye                                                    # (B, H, n, R, d_k, d_k)
     Qe = G_prev.exp() * q                                                # (B, H, n, R, C, d_k)
     if W is not None:
-        M = M - kT @ (to_end * W)
+        M = M - torch.einsum("bhncd,bhnrce->bhnrde", k[:, :, :, 0], to_end * W)  # (B, H, n, R, d_k, d_k)
         Qe = Qe - P @ W
 
     S = state.reshape(B, H, R, m, dk)                                    # rows grouped by gate
     starts = []
-    for c in range(n):                                                   # the only sequential part
-        starts.append(S)
-        S = S @ M[:, :, c].transpose(-1, -2) + Bc[:, :, c]               # (B, H, R, m, d_k)
+    for M_c, B_c in zip(M.transpose(-1, -2).unbind(2), Bc.unbind(2)):    # the only sequential part
+        starts.append(S)                                                 # (unbind: one cheap backward)
+        S = S @ M_c + B_c                                                # (B, H, R, m, d_k)
     S0 = torch.stack(starts, dim=2)                                      # (B, H, n, R, m, d_k)
     o = P @ u0 + Qe @ S0.transpose(-1, -2)                               # (B, H, n, R, C, m)
     read = o.transpose(-3, -2).reshape(B, H, n * C, r)[:, :, :T]         # (B, H, T, r)
