@@ -39,7 +39,7 @@ DEFAULTS = dict(
     key_dim=8, rank=8, heads=1, write="token", sides="qo", update="delta", gates="rowwise",
     layers="all", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8,
     # training
-    max_iters=300, batch_size=16, learning_rate=1e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
+    max_iters=120, batch_size=16, learning_rate=1e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
     log_interval=20, val_episodes=64,
     # evaluation
@@ -425,19 +425,20 @@ def results_table(results, budget):
 
 def ratios(results, dm_name, budget):
     """δ-mem / frozen backbone and δ-mem / best non-δ-mem, at 0 history tokens (and at the budget)."""
+    ratio = lambda a, b: a / b if b > 0 else None                      # None: the baseline scored 0
     dm = results[dm_name]["macro_em"]
     non0 = {n: r["macro_em"] for n, r in results.items()
             if not n.startswith("deltamem") and r["history_tokens_in_context"] < 0.5}
     best0 = max(non0, key=non0.get)
-    out = dict(vs_frozen_backbone=dm / max(results["no_history"]["macro_em"], 1e-9),
-               vs_best_non_deltamem=dm / max(non0[best0], 1e-9), best_non_deltamem=best0)
+    out = dict(vs_frozen_backbone=ratio(dm, results["no_history"]["macro_em"]),
+               vs_best_non_deltamem=ratio(dm, non0[best0]), best_non_deltamem=best0)
     w = f"{dm_name}_w{budget}"
     if w in results:
         nonw = {n: r["macro_em"] for n, r in results.items() if not n.startswith("deltamem")
                 and 0.5 <= r["history_tokens_in_context"] <= budget + 0.5}
         if nonw:
             bw = max(nonw, key=nonw.get)
-            out[f"vs_best_non_deltamem_at_{budget}"] = results[w]["macro_em"] / max(nonw[bw], 1e-9)
+            out[f"vs_best_non_deltamem_at_{budget}"] = ratio(results[w]["macro_em"], nonw[bw])
             out[f"best_non_deltamem_at_{budget}"] = bw
     return out
 
@@ -451,15 +452,16 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None):
     os.replace(path + ".tmp", path)
     table = results_table(results, cfg["budget"])
     r = out["ratios"]
+    x = lambda v: f"**{v:.2f}x**" if v is not None else "n/a (the baseline scored 0)"
     md = (f"# Results ({cfg['task']}, episodes: {cfg['episode_preset']}, held-out splits: "
           f"{', '.join(per_split)})\n\n{table}\n\n"
-          f"- δ-mem / frozen backbone (0 history tokens): **{r['vs_frozen_backbone']:.2f}x**\n"
+          f"- δ-mem / frozen backbone (0 history tokens): {x(r['vs_frozen_backbone'])}\n"
           f"- δ-mem / best non-δ-mem at 0 history tokens ({r['best_non_deltamem']}): "
-          f"**{r['vs_best_non_deltamem']:.2f}x**\n")
+          f"{x(r['vs_best_non_deltamem'])}\n")
     W = cfg["budget"]
     if f"vs_best_non_deltamem_at_{W}" in r:
         md += (f"- δ-mem / best non-δ-mem at {W} history tokens ({r[f'best_non_deltamem_at_{W}']}): "
-               f"**{r[f'vs_best_non_deltamem_at_{W}']:.2f}x**\n")
+               f"{x(r[f'vs_best_non_deltamem_at_{W}'])}\n")
     if general:
         md += (f"- general validation loss: backbone {general['backbone']:.4f}, with memory attached after an "
                f"unrelated write {general['with_memory']:.4f} "
