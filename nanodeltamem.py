@@ -16,7 +16,7 @@ corrections of the attention query and output. Only the memory's few parameters 
 """
 import hashlib
 import math
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn

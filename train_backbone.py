@@ -282,7 +282,10 @@ def train(cfg):
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
             raise UserError(f"--resume: no checkpoint at {ckpt_path}; train first (drop --resume)")
-        ckpt = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
+        try:
+            ckpt = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
+        except ValueError as e:
+            raise UserError(str(e))
         if ckpt["config"] != gconf.__dict__:
             raise UserError(f"{ckpt_path} holds a model with config {ckpt['config']}, not {gconf.__dict__}: "
                             f"resume with the same options, or use another --out_dir")
@@ -387,10 +390,11 @@ def report(model, enc, cfg, device):
 
 
 def main(argv=None):
+    from data.prepare import DataError
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
         train(cfg)
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

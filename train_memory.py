@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 
 from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
-                          save_atomic, IGNORE_INDEX)
+                          IGNORE_INDEX)
 from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, normalize_answer,
-                            check_positive, save_loss_plot)
+                            check_positive)
 import train_backbone
 
 DEFAULTS = dict(
@@ -206,7 +206,7 @@ def train_one(kind, name, gpt, enc, cfg, device):
         return train_backbone.lr_at(it, dict(cfg, learning_rate=cfg["learning_rate"]))
 
     t0 = t_last = time.time()
-    running, accs = [], []
+    running = []
     it = start
     try:
         while it < cfg["max_iters"]:
@@ -505,7 +505,7 @@ def main(argv=None):
     if cfg["task"] not in ("msqa", "recall", "mix"):
         raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, mix")
     writable_dir(cfg["out_dir"])
-    from data.prepare import load_tokenizer, DataError
+    from data.prepare import load_tokenizer
     train_backbone.ensure_data(cfg["data_dir"])
     enc = load_tokenizer(cfg["data_dir"])
     device = autodetect_device() if cfg["device"] == "auto" else cfg["device"]
@@ -576,8 +576,9 @@ def plot_results(results, path):
 
 
 if __name__ == "__main__":
+    from data.prepare import DataError
     try:
         main()
-    except UserError as e:
+    except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train_backbone as TB
 from nanodeltamem import GPT, GPTConfig, IGNORE_INDEX, load_backbone

@@ -1,18 +1,7 @@
 """Tokenised batches: labels only on answer tokens, windows never split a line, read contexts exact."""
-import numpy as np
-import pytest
-import tiktoken
 
 from data import tasks
 from nanodeltamem import IGNORE_INDEX
-
-
-@pytest.fixture(scope="module")
-def enc():
-    # a byte-level encoding (no merges) is enough to check the bookkeeping, and needs no data dir
-    ranks = {bytes([i]): i for i in range(256)}
-    return tiktoken.Encoding("bytes", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-                             mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 256})
 
 
 def test_labels_sit_only_on_answer_tokens(enc):

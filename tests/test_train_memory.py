@@ -2,19 +2,11 @@
 import json
 
 import pytest
-import tiktoken
 import torch
 
 import train_memory as TM
 from data import tasks
 from nanodeltamem import GPT, GPTConfig, DeltaMemGPT
-
-
-@pytest.fixture(scope="module")
-def enc():
-    ranks = {bytes([i]): i for i in range(256)}
-    return tiktoken.Encoding("bytes", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-                             mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 256})
 
 
 @pytest.fixture(scope="module")
