@@ -483,15 +483,21 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None):
 def ensure_backbone(cfg):
     """Load the backbone; train it first (saying so) when the default checkpoint is missing."""
     path = cfg["backbone"]
+    ours = path in (DEFAULTS["backbone"], PRESETS.get(cfg["preset"], {}).get("backbone"))
+    args = [f"--preset={cfg['preset']}", f"--out_dir={os.path.dirname(path) or '.'}", f"--data_dir={cfg['data_dir']}"]
     if not os.path.exists(path):
-        if path != DEFAULTS["backbone"] and path != PRESETS.get(cfg["preset"], {}).get("backbone"):
+        if not ours:
             raise UserError(f"backbone checkpoint {path} not found: train one with "
                             f"`python train_backbone.py --out_dir={os.path.dirname(path) or '.'}`")
         print(f"{path} not found: pretraining the backbone first (python train_backbone.py "
               f"--preset={cfg['preset']})")
-        bcfg = parse_config([f"--preset={cfg['preset']}", f"--out_dir={os.path.dirname(path) or '.'}",
-                             f"--data_dir={cfg['data_dir']}"], train_backbone.DEFAULTS, train_backbone.PRESETS)
-        train_backbone.train(bcfg)
+        train_backbone.train(parse_config(args, train_backbone.DEFAULTS, train_backbone.PRESETS))
+    elif ours:                                                           # an interrupted pretraining resumes
+        ckpt = load_checkpoint(path, required=("model", "config"))
+        done, total = ckpt.get("iter_num", 0), ckpt.get("train_config", {}).get("max_iters", 0)
+        if done < total:
+            print(f"{path} stopped at iteration {done} of {total}: resuming its pretraining first")
+            train_backbone.train(parse_config(args + ["--resume"], train_backbone.DEFAULTS, train_backbone.PRESETS))
     try:
         gpt, ckpt = load_backbone(path)
     except (ValueError, FileNotFoundError) as e:
