@@ -238,8 +238,8 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
         W = (I+A)⁻¹ diag(β γ_{t-1}) K, both independent of s_0: computed for all chunks at once.
       * Reads:  o_t = γ_{t-1} q_t·s_0 + Σ_{i<t} D[t, i] (q_t·k_i) u_i  = P u0 + (γ_{t-1} Q - P W) s_0,
         P = D ∘ Q Kᵀ strictly lower.
-      * Carry:  s_C = γ_C s_0 + Σ_i (γ_C/γ_i) u_i k_i = M s_0 + b,
-        M = γ_C I - Kᵀ diag(γ_C/γ) W,  b = Kᵀ (γ_C/γ ∘ u0).
+      * Carry:  s_C = γ_C s_0 + Σ_i (γ_C/γ_i) u_i k_i = M s_0 + Bc,
+        M = γ_C I - Kᵀ diag(γ_C/γ) W,  Bc = Kᵀ (γ_C/γ ∘ u0).   (in code S holds rows: S M ᵀ + Bc)
     Only the last line is sequential: one small matmul per chunk. Rows that share a gate (scalar
     gates) share A and W, so their C x C work is done once; row-wise gates pay it r times.
     Decays stay differences of cumulative logs, so no exp() can overflow.

@@ -171,8 +171,7 @@ def context_exact_match(model, enc, episodes, with_history, device="cpu", max_ne
     for ep in episodes:
         hist = enc.encode_ordinary(tasks.render_history(ep)) if with_history else []
         for q in ep.questions:
-            ask = enc.encode_ordinary(f"Q: {q.q}\nA:")
-            prompts.append((hist + ask)[-block:])
+            prompts.append((hist + tasks.question_prompt(enc, q))[-block:])
             gold.append(q.a)
             fams.append(q.family)
     fn = lambda idx, rows: model(idx.to(device))[0].float().cpu()

@@ -15,6 +15,7 @@ Then every condition of design.md §5 is evaluated on the same held-out episodes
 """
 import json
 import os
+from dataclasses import asdict
 import sys
 import time
 
@@ -25,7 +26,7 @@ import torch.nn as nn
 from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
                           IGNORE_INDEX)
 from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, normalize_answer,
-                            check_positive)
+                            check_positive, score)
 import train_backbone
 
 DEFAULTS = dict(
@@ -202,9 +203,6 @@ def train_one(kind, name, gpt, enc, cfg, device):
         model.save_memory(path, optimizer=opt.state_dict(), iter_num=it, history=history,
                           train_config=dict(cfg, kind=kind))
 
-    def lr_at(it):
-        return train_backbone.lr_at(it, dict(cfg, learning_rate=cfg["learning_rate"]))
-
     t0 = t_last = time.time()
     running = []
     it = start
@@ -214,7 +212,7 @@ def train_one(kind, name, gpt, enc, cfg, device):
             eps = sample_episodes(rng, cfg, cfg["batch_size"])
             batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, cfg["read_window"])
             for g in opt.param_groups:
-                g["lr"] = lr_at(it)
+                g["lr"] = train_backbone.lr_at(it, cfg)
             model.train()
             loss = episode_loss(model, batch, cfg, device)
             if not torch.isfinite(loss):
@@ -310,14 +308,15 @@ def write_states(model, enc, episodes, device, chunk=32):
 def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
     """Answer every question of every episode with the given read context; returns predictions."""
     block = (model.gpt if model is not None else gpt).config.block_size - 6
-    prompts, owner = [], []
+    from data import tasks
+    prompts, owner, hist = [], [], []
     for e, ep in enumerate(episodes):
         for q in ep.questions:
-            ctx = context(ep, q)
-            prompts.append((ctx + enc.encode_ordinary(f"Q: {q.q}\nA:"))[-block:])
+            ask = tasks.question_prompt(enc, q)
+            prompts.append((context(ep, q) + ask)[-block:])
             owner.append(e)
-    hist_tokens = float(np.mean([len(p) for p in prompts])) - float(np.mean(
-        [len(enc.encode_ordinary(f"Q: {q.q}\nA:")) for ep in episodes for q in ep.questions]))
+            hist.append(len(prompts[-1]) - len(ask))                     # history tokens actually kept
+    hist_tokens = float(np.mean(hist))
     if model is None:
         fn = lambda idx, rows: gpt(idx.to(device))[0].float().cpu()
     else:
@@ -330,18 +329,13 @@ def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
 
 
 def score_condition(preds, episodes):
-    per, stale = {}, []
-    i = 0
-    for ep in episodes:
-        for q in ep.questions:
-            p = normalize_answer(preds[i])
-            per.setdefault(q.family, []).append(p == normalize_answer(q.a))
-            if q.family == "update" and q.stale:
-                stale.append(p in {normalize_answer(s) for s in q.stale})
-            i += 1
-    per_family = {f: float(np.mean(v)) for f, v in sorted(per.items())}
-    return dict(macro_em=float(np.mean(list(per_family.values()))), per_family=per_family,
-                stale_rate=float(np.mean(stale)) if stale else None, n_questions=i)
+    qs = [q for ep in episodes for q in ep.questions]
+    per_family = score(preds, [q.a for q in qs], [q.family for q in qs])
+    macro = per_family.pop("macro")
+    stale = [normalize_answer(p) in {normalize_answer(s) for s in q.stale}    # answered an outdated value
+             for p, q in zip(preds, qs) if q.family == "update" and q.stale]
+    return dict(macro_em=macro, per_family=per_family, stale_rate=float(np.mean(stale)) if stale else None,
+                n_questions=len(qs))
 
 
 def conditions(cfg, enc, gpt, memories):
@@ -412,7 +406,7 @@ def general_val_loss(cfg, enc, gpt, model, device, n_batches=8):
     return dict(backbone=base, with_memory=float(np.mean(losses)))
 
 
-def results_table(results, budget):
+def results_table(results):
     fams = sorted({f for r in results.values() for f in r["per_family"]})
     head = "| condition | history tokens in context | trainable params | macro EM | " + " | ".join(fams) + " |"
     rows = [head, "|" + "---|" * (4 + len(fams))]
@@ -450,7 +444,7 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None):
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
     os.replace(path + ".tmp", path)
-    table = results_table(results, cfg["budget"])
+    table = results_table(results)
     r = out["ratios"]
     x = lambda v: f"**{v:.2f}x**" if v is not None else "n/a (the baseline scored 0)"
     md = (f"# Results ({cfg['task']}, episodes: {cfg['episode_preset']}, held-out splits: "
@@ -548,14 +542,9 @@ def eval_only(cfg, enc, gpt, device):
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e))
     model.to(device)
-    name = condition_name(dict(cfg, **{k: v for k, v in asdict_safe(model.mcfg).items() if k in cfg}))
+    name = condition_name(dict(cfg, **{k: v for k, v in asdict(model.mcfg).items() if k in cfg}))
     results, per_split = evaluate(cfg, enc, gpt, {name: model}, device, {"file": episodes})
     write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]))
-
-
-def asdict_safe(mcfg):
-    from dataclasses import asdict
-    return asdict(mcfg)
 
 
 def plot_results(results, path):
