@@ -222,3 +222,16 @@ def test_bad_memory_config_is_refused_with_valid_values(bad):
         MemoryConfig(**bad)
     with pytest.raises(ValueError, match="exceeds the model width"):
         DeltaMemGPT(tiny_gpt(), MemoryConfig(rank=16, heads=4))
+
+
+def test_chunkwise_survives_saturated_gates():
+    """β = 1 exactly (a saturated sigmoid) must not give log 0 = -inf and NaN gradients."""
+    q, k, v, beta, S = rand_inputs(T=16, R=8)
+    beta = beta.detach().clone()
+    beta[:, :, 3] = 1.0
+    beta.requires_grad_(True)
+    r1, s1 = delta_rule_scan(q, k, v, beta, S)
+    r2, s2 = delta_rule_scan(q, k, v, beta, S, chunk_size=8)
+    assert (r1 - r2).abs().max() < 1e-4 and (s1 - s2).abs().max() < 1e-4
+    (g,) = torch.autograd.grad(r2.sum() + s2.sum(), beta)
+    assert torch.isfinite(g).all()
