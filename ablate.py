@@ -298,6 +298,8 @@ def plot_capacity(rows, path, metric="em_recall"):
             if k is not None:
                 ax.plot([k], [pts[k]], "o", ms=11, mfc="none", mec=color, mew=1.5)
     ax.set_xscale("log", base=2)
+    allN = sorted({int(r["n_pairs"]) for r in rows})
+    ax.set_xticks(allN, [str(n) for n in allN])                          # plain N, not 2^k
     ax.set_xlabel("stored pairs N")
     ax.set_ylabel("recall exact match")
     ax.set_ylim(-0.02, 1.02)
