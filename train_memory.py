@@ -153,6 +153,9 @@ def sample_episodes(rng, cfg, n, split="train"):
     out = []
     for _ in range(n):
         task = cfg["task"] if cfg["task"] != "mix" else ("msqa" if rng.random() < 0.5 else "recall")
+        if task == "recall" and cfg.get("n_pairs"):                     # a fixed number of pairs (ablate.py)
+            out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))
+            continue
         out.append(tasks.make_episode(rng, task=task, preset=cfg["episode_preset"], split=split))
     return out
 

@@ -1,0 +1,517 @@
+"""
+Ablations and pictures: change d_k or the rank, see what happens.
+
+    python ablate.py                                   # d_k x r grid (25 cells) -> out-ablate/ablate.csv + heatmap
+    python ablate.py --key_dim=2,4,8 --rank=8 --write=token,segment --update=delta,hebbian --max_iters=60
+    python ablate.py --capacity                        # recall accuracy vs stored pairs N, delta vs hebbian
+    python ablate.py --capacity --key_dim=4,8,16 --n_pairs=2,4,8,16,32
+    python ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
+    python ablate.py --results=out/results.json        # per-family bars of a train_memory.py evaluation
+    python ablate.py --plots                           # redraw the pictures from the CSVs, train nothing
+
+Comma lists on the swept flags (key_dim, rank, write, sides, update, n_pairs) give their cartesian
+product; every cell trains one memory in <out_dir>/cells/<cell>/ (train_memory.train_one, so an
+interrupted cell resumes), is scored at 0 history tokens in context on held-out episodes, and appends
+one row to the CSV. Cells already in the CSV are skipped, so re-running the same command resumes.
+write=msw is token writes with --msw_heads states (MSW). Any train_memory.py flag works here too.
+"""
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+import train_memory as TM
+from nanodeltamem import DeltaMemGPT, autodetect_device, delta_rule_scan, load_checkpoint
+from train_backbone import UserError, fmt_time, normalize_answer, parse_config, writable_dir
+
+DEFAULTS = dict(
+    TM.DEFAULTS,
+    out_dir="out-ablate",
+    max_iters=40,                 # per cell, sized so the 25-cell CPU grid takes about an hour
+    val_episodes=32,              # the training log's answer accuracy (cheaper than train_memory's 64)
+    eval_episodes=16,             # held-out episodes per split, per cell
+    splits="iid",                 # which held-out splits to score (train_memory.EVAL_SPLITS)
+    n_pairs=0,                    # recall pairs per episode (0: the episode preset's)
+    msw_heads=4,                  # states per layer for write=msw
+    capacity=False,               # the capacity sweep (task=recall, axis n_pairs) instead of the grid
+    work=False,                   # draw the memory at work (one episode, token by token)
+    layer=-1,                     # which memory layer --work shows (-1: the last)
+    plots=False,                  # only redraw the pictures from existing CSVs
+    results="",                   # a train_memory.py results.json: draw its per-family bars
+)
+PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt")}
+AXES = ("key_dim", "rank", "write", "sides", "update", "n_pairs")
+GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
+CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])
+WRITES = {"token": "token", "tsw": "token", "segment": "segment", "ssw": "segment", "msw": "msw"}
+FAMILIES = ["single_hop", "multi_hop", "update", "temporal", "abstention", "recall", "forgetting", "two_hop"]
+COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "n_pairs", "task", "episode_preset",
+            "max_iters", "batch_size", "learning_rate", "seed", "backbone", "eval_episodes", "splits",
+            "macro_em", "acc"] + [f"em_{f}" for f in FAMILIES] +
+           ["n_questions", "train_seconds", "eval_seconds", "machine"])
+NOT_TRAINING = {"out_dir", "device", "log_interval", "val_episodes", "eval_episodes", "splits", "budget",
+                "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line: comma lists on the swept flags -> cells
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    """(cfg, axes): cfg from the usual --key=value parser, axes {flag: [values]} from comma lists."""
+    rest, given = [], {}
+    for arg in argv:
+        key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if key in AXES and eq:
+            given[key] = [v.strip() for v in val.split(",") if v.strip()]
+            if not given[key]:
+                raise UserError(f"--{key} is empty: give one value or a comma list, e.g. --{key}=2,4,8")
+        else:
+            rest.append(arg)
+    cfg = parse_config(rest, DEFAULTS, PRESETS)
+    axes = {k: [str(cfg[k])] for k in AXES}
+    if not cfg["work"]:                                                  # --work draws one memory
+        axes.update({k: [str(v) for v in vs] for k, vs in (CAPACITY if cfg["capacity"] else GRID).items()})
+    axes.update(given)
+    for w in axes["write"]:
+        if w not in WRITES:
+            raise UserError(f"--write: {w!r} is not valid; choose from token (tsw), segment (ssw), msw")
+    bad = [s for s in cfg["splits"].split(",") if s not in TM.EVAL_SPLITS]
+    if bad:
+        raise UserError(f"--splits: unknown split {bad[0]!r}; choose from {', '.join(TM.EVAL_SPLITS)}")
+    if cfg["capacity"]:
+        cfg["task"] = "recall"                                           # N is a property of recall episodes
+    return cfg, axes
+
+
+def make_cells(cfg, axes):
+    """One config per point of the cartesian product; each value checked as if typed as a flag."""
+    cells = []
+    for values in itertools.product(*(axes[k] for k in AXES)):
+        over = dict(zip(AXES, values))
+        cell = dict(cfg)
+        for k, v in over.items():                                        # type-check each value as a flag
+            cell[k] = parse_config([f"--{k}={v}"], DEFAULTS, PRESETS)[k]
+        cell["write_axis"] = WRITES[cell["write"]]
+        cell["write"] = "token" if cell["write_axis"] == "msw" else cell["write_axis"]
+        if cell["write_axis"] == "msw":
+            cell["heads"] = cfg["msw_heads"]
+        TM.check_positive(cell, ("key_dim", "rank", "heads"))
+        TM.memory_config(cell)                                           # invalid sides/update: one-line error
+        cell["cell"] = cell_name(cell)
+        cells.append(cell)
+    return cells
+
+
+def cell_name(cell):
+    """Readable axes + a hash of every other training setting, so a changed setting is a new cell."""
+    name = f"dk{cell['key_dim']}_r{cell['rank']}_{cell['write_axis']}_{cell['sides']}_{cell['update']}"
+    if cell["n_pairs"]:
+        name += f"_n{cell['n_pairs']}"
+    train = {k: cell[k] for k in sorted(cell) if k not in NOT_TRAINING}
+    return name + "_" + hashlib.sha1(json.dumps(train, default=str).encode()).hexdigest()[:6]
+
+
+def machine():
+    """Where the seconds in a row were measured."""
+    if torch.cuda.is_available():
+        return f"cuda {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"cpu {platform.machine()} x{os.cpu_count()} cores ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------------------------
+# one CSV, one row per finished cell
+# ----------------------------------------------------------------------------------------------
+
+def read_rows(path):
+    """The finished rows of a CSV (a row cut short by a crash is ignored)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if None not in r.values() and r.get("machine")]
+
+
+def append_row(path, row):
+    """One write of one whole line (header first on a new file): a crash never leaves half a row mid-file."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        writer.writeheader()
+    else:
+        with open(path, newline="") as f:
+            head = f.readline().strip()
+        if head != ",".join(COLUMNS):
+            raise UserError(f"{path} has other columns than this version writes: move it away or pass another --out_dir")
+    writer.writerow({k: row.get(k, "") for k in COLUMNS})
+    with open(path, "a") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def done_key(row):
+    return (str(row["cell"]), str(row["eval_episodes"]), str(row["splits"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# train and score one cell; the sweep
+# ----------------------------------------------------------------------------------------------
+
+def eval_cell(cfg, enc, gpt, model, device):
+    """Exact match at 0 history tokens in context (the memory only), on the held-out splits asked for.
+    Episodes are drawn as train_memory.evaluate draws them (seed 10000 + split index)."""
+    task = "msqa" if cfg["task"] in ("msqa", "mix") else "recall"
+    episodes = []
+    for split in cfg["splits"].split(","):
+        rng = np.random.default_rng(10_000 + TM.EVAL_SPLITS.index(split))
+        episodes += TM.sample_episodes(rng, dict(cfg, task=task), cfg["eval_episodes"], split)
+    preds, _ = TM.run_condition(enc, episodes, lambda ep, q: [], model, gpt, device)
+    res = TM.score_condition(preds, episodes)
+    gold = [q.a for ep in episodes for q in ep.questions]
+    acc = float(np.mean([normalize_answer(p) == normalize_answer(g) for p, g in zip(preds, gold)]))
+    return dict(macro_em=res["macro_em"], acc=acc, n_questions=res["n_questions"],
+                **{f"em_{f}": v for f, v in res["per_family"].items()})
+
+
+def sweep(cells, enc, gpt, device, csv_path):
+    """Train + score every cell not yet in csv_path; returns all rows of the CSV."""
+    done = {done_key(r) for r in read_rows(csv_path)}
+    todo = [c for c in cells if done_key(c) not in done]
+    print(f"{len(cells)} cells: {len(cells) - len(todo)} already in {csv_path}, {len(todo)} to run")
+    spent = []
+    for n, cfg in enumerate(todo):
+        cell_dir = os.path.join(cfg["out_dir"], "cells", cfg["cell"])
+        os.makedirs(cell_dir, exist_ok=True)
+        kind = "deltamem" if cfg["update"] == "delta" else "hebbian"
+        torch.manual_seed(cfg["seed"])                                   # the same init whatever the order
+        t0 = time.time()
+        model = TM.train_one(kind, TM.condition_name(cfg), gpt, enc, dict(cfg, out_dir=cell_dir), device)
+        t1 = time.time()
+        scores = eval_cell(cfg, enc, gpt, model, device)
+        t2 = time.time()
+        row = dict(cfg, write=cfg["write_axis"], **scores, train_seconds=round(t1 - t0, 2),
+                   eval_seconds=round(t2 - t1, 2), machine=machine())
+        append_row(csv_path, row)
+        spent.append(t2 - t0)
+        print(f"[cell {n + 1}/{len(todo)}] {cfg['cell']}: macro EM {scores['macro_em']:.3f} | acc "
+              f"{scores['acc']:.3f} | train {fmt_time(t1 - t0)}, eval {fmt_time(t2 - t1)} | "
+              f"ETA {fmt_time(np.mean(spent) * (len(todo) - n - 1))}", flush=True)
+    return read_rows(csv_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# pictures: each takes a path (or rows) and the PNG to write
+# ----------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _rows(rows_or_path):
+    return read_rows(rows_or_path) if isinstance(rows_or_path, (str, os.PathLike)) else list(rows_or_path)
+
+
+def _save(fig, path, tight=True):
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    print(f"plot: {path}")
+
+
+def plot_heatmap(rows, path, metric="macro_em"):
+    """Exact match over d_k x r; one panel per setting of the other axes (the latest row wins)."""
+    plt = _plt()
+    rows = [r for r in _rows(rows) if r.get(metric, "") != ""]
+    if not rows:
+        raise UserError(f"no rows with {metric} to draw a heatmap from")
+    group = lambda r: f"{r['write']} {r['sides']} {r['update']}" + (f" N={r['n_pairs']}" if str(r["n_pairs"]) != "0" else "")
+    groups = sorted({group(r) for r in rows})
+    dks = sorted({int(r["key_dim"]) for r in rows})
+    rks = sorted({int(r["rank"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.5, (0.8 * len(dks) + 2) * len(groups)), 0.6 * len(rks) + 2.2),
+                             squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        grid = np.full((len(rks), len(dks)), np.nan)                     # (r, d_k)
+        for r in rows:
+            if group(r) == g:
+                grid[rks.index(int(r["rank"])), dks.index(int(r["key_dim"]))] = float(r[metric])
+        im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=max(1e-6, np.nanmax(grid)))
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if v < 0.6 * np.nanmax(grid) else "black")
+        ax.set_xticks(range(len(dks)), dks)
+        ax.set_yticks(range(len(rks)), rks)
+        ax.set_xlabel("key dim d_k")
+        ax.set_ylabel("rank r")
+        ax.set_title(g, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"{metric}, held-out, 0 history tokens in context", fontsize=10)
+    _save(fig, path)
+
+
+def knee(ns, accs, frac=0.5):
+    """The capacity knee: the largest N whose accuracy is still >= frac x the best (None if all zero)."""
+    best = max(accs) if len(accs) else 0
+    if best <= 0:
+        return None
+    last = None
+    for n, a in sorted(zip(ns, accs)):
+        if a >= frac * best:
+            last = n
+        elif last is not None:                                           # the first fall after the good part
+            break
+    return last
+
+
+def plot_capacity(rows, path, metric="em_recall"):
+    """Recall accuracy against stored pairs N: one colour per d_k, solid delta, dashed hebbian; o = knee."""
+    plt = _plt()
+    rows = [r for r in _rows(rows) if str(r.get("n_pairs", "0")) not in ("0", "")]
+    if not rows:
+        raise UserError("no capacity rows (n_pairs > 0): run python ablate.py --capacity first")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    dks = sorted({int(r["key_dim"]) for r in rows})
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(dks)))
+    for dk, color in zip(dks, colors):
+        for update, style in (("delta", "-"), ("hebbian", "--")):
+            pts = {int(r["n_pairs"]): float(r[metric] if r.get(metric, "") != "" else r["acc"])
+                   for r in rows if int(r["key_dim"]) == dk and r["update"] == update}
+            if not pts:
+                continue
+            ns = sorted(pts)
+            ax.plot(ns, [pts[n] for n in ns], style, marker=".", color=color, label=f"d_k={dk} {update}")
+            k = knee(ns, [pts[n] for n in ns])
+            if k is not None:
+                ax.plot([k], [pts[k]], "o", ms=11, mfc="none", mec=color, mew=1.5)
+    ax.set_xscale("log", base=2)
+    allN = sorted({int(r["n_pairs"]) for r in rows})
+    ax.set_xticks(allN, [str(n) for n in allN])                          # plain N, not 2^k
+    ax.set_xlabel("stored pairs N")
+    ax.set_ylabel("recall exact match")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("capacity: recall vs N (o = knee: last N at >= half the best)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_families(results_json, path):
+    """Per-family bars for every evaluation condition of a train_memory.py results.json."""
+    try:
+        with open(results_json) as f:
+            conds = json.load(f)["conditions"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--results={results_json}: not a readable train_memory.py results.json "
+                        f"({type(e).__name__}); run python train_memory.py first") from None
+    TM.plot_results(conds, path)
+
+
+def plot_training(ckpt_paths, path):
+    """Training loss and validation answer accuracy of each memory checkpoint's `history`."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in ckpt_paths:
+        hist = load_checkpoint(str(p), required=("history",))["history"]
+        label = os.path.basename(os.path.dirname(str(p))) or os.path.basename(str(p))
+        if hist:
+            a.plot([h["iter"] for h in hist], [h["train"] for h in hist], label=label)
+            b.plot([h["iter"] for h in hist], [h["val_acc"] for h in hist], marker=".", label=label)
+    for ax, y in ((a, "training loss"), (b, "validation answer accuracy")):
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=6, ncol=1 + len(ckpt_paths) // 12, loc="best")
+    _save(fig, path)
+
+
+@torch.no_grad()
+def memory_trace(model, enc, ep, layer=-1):
+    """Write one episode's history and replay one layer's memory token by token.
+
+    Captures the layer's attention input h during the ordinary write pass (a forward pre-hook), then
+    recomputes k, v, β with the layer's own projections and steps the recurrent scan one token at a
+    time, keeping every S_t. Returns a dict of plain lists (JSON-able) for plot_work.
+    """
+    from data import tasks
+    if model.mcfg.write != "token":
+        raise UserError("--work replays token writes (TSW/MSW); this memory writes once per segment (SSW)")
+    names = list(model.memories)
+    name = names[layer] if -len(names) <= layer < len(names) else None
+    if name is None:
+        raise UserError(f"--layer={layer}: the memory sits in layers {', '.join(names)}")
+    mem, cfg = model.memories[name], model.mcfg
+    b = tasks.collate_episodes(enc, [ep], model.gpt.config.block_size, enc.eot_token)
+    seen = []
+    hook = mem.register_forward_pre_hook(lambda m, args: seen.append(args[0]) if args[1] else None)
+    try:
+        model.reset_memory()
+        model(b["hist"], write=True, mask=b["mask"], seg=b["seg"])
+    finally:
+        hook.remove()
+    real = b["mask"].flatten()                                           # (W·L,) real tokens only
+    x = seen[0].reshape(1, real.numel(), -1)[:, real]                    # (1, T, d)
+    k, v, beta = mem._project(x)                                         # (1, H, T, d_k|r|1)
+    beta = beta.expand(-1, -1, -1, cfg.rank)                             # (1, H, T, r) scalar gates too
+    S = x.new_zeros(1, cfg.heads, cfg.rank, cfg.key_dim)
+    states = []
+    for t in range(x.size(1)):                                           # the decode path, one token a step
+        _, S = delta_rule_scan(k[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], beta[:, :, t:t + 1], S,
+                               decay=cfg.update == "delta", erase=cfg.update == "delta")
+        states.append(S[0])                                              # (H, r, d_k)
+    lines = [line for s in ep.sessions for line in s]
+    line_of = [i for i, line in enumerate(lines) for _ in enc.encode_ordinary(line + "\n")]
+    facts = [i for i, line in enumerate(lines)
+             if tasks.parse_facts(tasks.Episode(sessions=[[line]], questions=[], task=ep.task))]
+    return dict(tokens=[enc.decode([t]) for t in b["hist"].flatten()[real].tolist()], line_of=line_of,
+                fact_lines=facts, layer=int(name),
+                beta=beta[0].transpose(1, 2).reshape(-1, x.size(1)).tolist(),  # (H·r, T)
+                states=torch.stack(states).tolist(),                      # (T, H, r, d_k)
+                final_state=mem.state[0].tolist(), config=dict(key_dim=cfg.key_dim, rank=cfg.rank,
+                                                               heads=cfg.heads, update=cfg.update))
+
+
+def plot_work(trace, path):
+    """β per state row, the state S_t (all entries) and ||S_t|| per token; fact lines shaded."""
+    plt = _plt()
+    if isinstance(trace, (str, os.PathLike)):
+        with open(trace) as f:
+            trace = json.load(f)
+    beta = np.array(trace["beta"])                                       # (H·r, T)
+    S = np.array(trace["states"])                                        # (T, H, r, d_k)
+    T = S.shape[0]
+    flat = S.reshape(T, -1).T                                            # (H·r·d_k, T)
+    fig = plt.figure(figsize=(max(8, 0.16 * T + 2), 8))
+    grid = fig.add_gridspec(3, 2, width_ratios=[60, 1], height_ratios=[2, 3, 1.3], wspace=0.02)
+    axes = [fig.add_subplot(grid[0, 0])]
+    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in (1, 2)]
+    im = axes[0].imshow(beta, aspect="auto", cmap="magma", vmin=0, interpolation="nearest")
+    fig.colorbar(im, cax=fig.add_subplot(grid[0, 1]))
+    axes[0].set_ylabel("β per state row")
+    lim = max(1e-6, np.abs(flat).max())
+    im = axes[1].imshow(flat, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    fig.colorbar(im, cax=fig.add_subplot(grid[1, 1]))
+    axes[1].set_ylabel("S_t entries (row-major)")
+    axes[2].plot(np.arange(T), np.linalg.norm(S.reshape(T, -1), axis=1), "k.-", ms=3)
+    axes[2].set_ylabel("||S_t||")
+    axes[2].grid(alpha=0.3)
+    line_of = trace["line_of"]
+    for f in trace["fact_lines"]:                                        # mark the tokens of every fact line
+        ts = [t for t, l in enumerate(line_of) if l == f]
+        if ts:
+            axes[2].axvspan(ts[0] - 0.5, ts[-1] + 0.5, color="orange", alpha=0.25, lw=0)
+            for ax in axes[:2]:
+                ax.axvline(ts[0] - 0.5, color="lime", lw=1.2)
+                ax.axvline(ts[-1] + 0.5, color="lime", lw=1.2, ls="--")
+    for ax in axes[:2]:
+        ax.tick_params(labelbottom=False)
+    axes[2].set_xticks(range(T), [repr(t)[1:-1] for t in trace["tokens"]], rotation=90, fontsize=6)
+    c = trace.get("config", {})
+    axes[0].set_title(f"memory at work, layer {trace.get('layer', '?')} (d_k={c.get('key_dim')}, r={c.get('rank')}, "
+                      f"H={c.get('heads')}, {c.get('update')}); fact lines: shaded / between green lines", fontsize=9)
+    fig.subplots_adjust(left=0.07, right=0.95, top=0.95, bottom=0.13, hspace=0.08)
+    _save(fig, path, tight=False)
+
+
+def draw_all(cfg, csv_path):
+    """Every picture the CSVs and checkpoints in out_dir allow, written next to the CSV."""
+    out = os.path.dirname(csv_path) or "."
+    rows = read_rows(csv_path)
+    if cfg["capacity"]:
+        plot_capacity(rows, os.path.join(out, "capacity.png"))
+    elif rows:
+        plot_heatmap(rows, os.path.join(out, "heatmap.png"))
+    ckpts = []
+    for r in rows:                                                       # the memories of the CSV's cells
+        folder = os.path.join(out, "cells", r["cell"])
+        if os.path.isdir(folder):
+            ckpts += sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                            if f.startswith("memory_") and f.endswith(".pt"))
+    ckpts = list(dict.fromkeys(ckpts))                                   # a cell scored twice: one curve
+    if ckpts:
+        plot_training(ckpts, os.path.join(out, ("capacity" if cfg["capacity"] else "ablate") + "_training.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def setup(cfg):
+    from data.prepare import load_tokenizer
+    import train_backbone
+    train_backbone.ensure_data(cfg["data_dir"])
+    enc = load_tokenizer(cfg["data_dir"])
+    device = autodetect_device() if cfg["device"] == "auto" else cfg["device"]
+    gpt, _ = TM.ensure_backbone(cfg)
+    if gpt.config.vocab_size != enc.n_vocab:
+        raise UserError(f"backbone {cfg['backbone']} has vocabulary {gpt.config.vocab_size} but {cfg['data_dir']} "
+                        f"has {enc.n_vocab}: use the data it was trained on (--data_dir)")
+    return enc, gpt.to(device), device
+
+
+def work(cfg, cells, enc, gpt, device):
+    """The memory-at-work picture for --memory (or a fresh memory of the one cell given)."""
+    from data import tasks
+    if cfg["memory"]:
+        try:
+            model, _ = DeltaMemGPT.load_memory(cfg["memory"], gpt)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e))
+    else:
+        if len(cells) != 1:
+            raise UserError("--work draws one memory: give single values (e.g. --key_dim=8 --rank=8) or --memory=CKPT")
+        torch.manual_seed(cfg["seed"])
+        model = DeltaMemGPT(gpt, TM.memory_config(cells[0]))
+        print("no --memory given: drawing a freshly initialised memory")
+    model.to(device).eval()
+    ep = tasks.make_recall(np.random.default_rng(cfg["seed"]), "tiny", "iid")
+    trace = memory_trace(model, enc, ep, cfg["layer"])
+    base = os.path.join(cfg["out_dir"], "work")
+    with open(base + ".json", "w") as f:
+        json.dump(trace, f)
+    plot_work(trace, base + ".png")
+
+
+def main(argv=None):
+    cfg, axes = parse_args(sys.argv[1:] if argv is None else argv)
+    TM.check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval"))
+    if cfg["results"]:
+        return plot_families(cfg["results"], os.path.splitext(cfg["results"])[0] + "_families.png")
+    writable_dir(cfg["out_dir"])
+    csv_path = os.path.join(cfg["out_dir"], "capacity.csv" if cfg["capacity"] else "ablate.csv")
+    if cfg["plots"]:
+        if not read_rows(csv_path):
+            raise UserError(f"{csv_path} has no finished rows yet: run the sweep first (without --plots)")
+        return draw_all(cfg, csv_path)
+    cells = make_cells(cfg, axes)
+    enc, gpt, device = setup(cfg)
+    d = gpt.config.n_embd
+    for c in cells:
+        if c["heads"] * c["rank"] > d:
+            raise UserError(f"cell {c['cell']}: heads x rank = {c['heads'] * c['rank']} exceeds the model width {d}")
+    if cfg["work"]:
+        return work(cfg, cells, enc, gpt, device)
+    sweep(cells, enc, gpt, device, csv_path)
+    draw_all(cfg, csv_path)
+
+
+if __name__ == "__main__":
+    from data.prepare import DataError
+    try:
+        main()
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

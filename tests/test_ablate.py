@@ -1,0 +1,208 @@
+"""ablate.py: cells are the cartesian product, the CSV resumes, every picture is a real PNG, the
+memory-at-work replay ends in the model's own state."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ablate as AB
+import train_memory as TM
+from data import tasks
+from nanodeltamem import GPT, GPTConfig, DeltaMemGPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=257, block_size=256, n_layer=2, n_head=2, n_embd=32))
+
+
+def assert_png(path, min_bytes=5000):
+    data = open(path, "rb").read()
+    assert data[:8] == PNG and len(data) > min_bytes, (path, len(data))
+
+
+def tiny_args(out_dir, *extra):
+    return [f"--out_dir={out_dir}", "--task=recall", "--episode_preset=tiny", "--max_iters=2", "--batch_size=2",
+            "--val_episodes=2", "--eval_episodes=2", "--log_interval=1", "--warmup_iters=1", *extra]
+
+
+def test_cells_are_the_cartesian_product_of_the_comma_lists():
+    cfg, axes = AB.parse_args(["--key_dim=2,4", "--rank=1,8", "--write=token,msw", "--update=delta,hebbian"])
+    cells = AB.make_cells(cfg, axes)
+    assert len(cells) == 16 and len({c["cell"] for c in cells}) == 16
+    got = {(c["key_dim"], c["rank"], c["write_axis"], c["update"]) for c in cells}
+    assert got == {(d, r, w, u) for d in (2, 4) for r in (1, 8) for w in ("token", "msw") for u in ("delta", "hebbian")}
+    for c in cells:                                                      # msw: token writes with 4 states
+        assert (c["write"], c["heads"]) == (("token", 4) if c["write_axis"] == "msw" else ("token", 1))
+    grid = AB.make_cells(*AB.parse_args([]))                             # default: the d_k x r grid
+    assert sorted((c["key_dim"], c["rank"]) for c in grid) == sorted(
+        (d, r) for d in (2, 4, 8, 16, 32) for r in (1, 2, 4, 8, 16))
+    cap = AB.make_cells(*AB.parse_args(["--capacity"]))
+    assert len(cap) == 3 * 5 * 2 and {c["task"] for c in cap} == {"recall"}
+    assert {c["n_pairs"] for c in cap} == {2, 4, 8, 16, 32}
+    # another training setting is another cell; an evaluation setting is not
+    a = AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8"]))[0]["cell"]
+    assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--learning_rate=0.5"]))[0]["cell"] != a
+    assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--eval_episodes=3"]))[0]["cell"] == a
+
+
+@pytest.mark.parametrize("args,msg", [(["--key_dim=2,x"], "expects a int"), (["--write=token,foo"], "--write"),
+                                      (["--sides=q,z"], "sides='z'"), (["--splits=iid,nope"], "--splits"),
+                                      (["--rank=0"], "--rank must be > 0")])
+def test_bad_cells_are_refused_before_any_work(args, msg):
+    with pytest.raises(AB.UserError, match=msg):
+        AB.make_cells(*AB.parse_args(args))
+
+
+def test_bad_input_is_one_line_error_from_the_command_line():
+    r = subprocess.run([sys.executable, "ablate.py", "--key_dim=2,x"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--key_dim expects a int" in lines[0], r.stderr
+
+
+def test_n_pairs_hook_fixes_the_number_of_stored_pairs():
+    cfg = dict(TM.DEFAULTS, task="recall", episode_preset="small")
+    eps = TM.sample_episodes(np.random.default_rng(0), dict(cfg, n_pairs=5), 4)
+    assert all(len({f[1] for f in tasks.parse_facts(ep)}) == 5 for ep in eps)
+    eps = TM.sample_episodes(np.random.default_rng(0), cfg, 4)            # no n_pairs: the preset's 8
+    assert all(len({f[1] for f in tasks.parse_facts(ep)}) == 8 for ep in eps)
+
+
+def test_sweep_appends_one_row_per_cell_and_skips_finished_cells(enc, gpt, tmp_path, monkeypatch, capsys):
+    csv_path = str(tmp_path / "ablate.csv")
+    cells = AB.make_cells(*AB.parse_args(tiny_args(tmp_path, "--key_dim=2,4", "--rank=2")))
+    rows = AB.sweep(cells, enc, gpt, "cpu", csv_path)
+    assert len(rows) == 2 and sorted(r["key_dim"] for r in rows) == ["2", "4"]
+    for r in rows:
+        ckpt = torch.load(tmp_path / "cells" / r["cell"] / "memory_deltamem.pt", weights_only=False)
+        assert ckpt["iter_num"] == 2 and len(ckpt["history"]) == 2      # trained in its own folder
+        fams = [float(r[f"em_{f}"]) for f in ("recall", "forgetting", "two_hop")]
+        assert float(r["macro_em"]) == pytest.approx(np.mean(fams))
+        assert 0 <= float(r["acc"]) <= 1 and float(r["train_seconds"]) > 0 and r["machine"]
+        assert int(r["n_questions"]) == 2 * 4                              # 2 episodes x 4 pairs (tiny)
+    text = open(csv_path).read()
+    # re-running trains nothing: the CSV is unchanged and train_one is never called
+    calls = []
+    monkeypatch.setattr(TM, "train_one", lambda *a, **k: calls.append(a) or pytest.fail("retrained a finished cell"))
+    capsys.readouterr()
+    assert len(AB.sweep(cells, enc, gpt, "cpu", csv_path)) == 2
+    assert open(csv_path).read() == text and calls == []
+    assert "2 already in" in capsys.readouterr().out
+    # a grown grid runs only the new cell
+    monkeypatch.undo()
+    real = TM.train_one
+    monkeypatch.setattr(TM, "train_one", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    more = AB.make_cells(*AB.parse_args(tiny_args(tmp_path, "--key_dim=2,4,8", "--rank=2")))
+    rows = AB.sweep(more, enc, gpt, "cpu", csv_path)
+    assert len(calls) == 1 and len(rows) == 3 and open(csv_path).read().startswith(text)
+
+
+def test_csv_ignores_a_cut_row_and_refuses_foreign_columns(tmp_path):
+    path = str(tmp_path / "a.csv")
+    AB.append_row(path, dict(cell="x", key_dim=2, machine="m"))
+    AB.append_row(path, dict(cell="y", key_dim=4, machine="m"))
+    with open(path, "a") as f:
+        f.write("z,8,2")                                                 # a crash mid-row
+    assert [r["cell"] for r in AB.read_rows(path)] == ["x", "y"]
+    other = tmp_path / "b.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(AB.UserError, match="other columns"):
+        AB.append_row(str(other), dict(cell="x"))
+
+
+@pytest.mark.parametrize("ns,accs,want", [([2, 4, 8, 16, 32], [1.0, 0.9, 0.8, 0.3, 0.1], 8),
+                                          ([2, 4, 8], [0.2, 0.6, 0.5], 8),
+                                          ([8, 2, 4], [0.1, 0.9, 0.7], 4),       # unsorted input
+                                          ([2, 4], [0.0, 0.0], None)])
+def test_knee_is_the_last_n_at_half_the_best(ns, accs, want):
+    assert AB.knee(ns, accs) == want
+
+
+def fixed_rows():
+    rows = []
+    for dk in (2, 4, 8):
+        for r in (1, 4):
+            for update in ("delta", "hebbian"):
+                rows.append(dict(cell=f"c{dk}{r}{update}", key_dim=dk, rank=r, write="token", heads=1, sides="qo",
+                                 update=update, n_pairs=0, macro_em=dk * r / 40, acc=0.5, machine="test"))
+    for dk in (4, 8):
+        for n in (2, 4, 8, 16):
+            for update in ("delta", "hebbian"):
+                rows.append(dict(cell=f"n{dk}{n}{update}", key_dim=dk, rank=8, write="token", heads=1, sides="qo",
+                                 update=update, n_pairs=n, macro_em=0.5, acc=0.5,
+                                 em_recall=min(1, dk / n) * (1 if update == "delta" else 0.6), machine="test"))
+    return rows
+
+
+def test_heatmap_and_capacity_plots_from_a_fixed_csv(tmp_path):
+    csv_path = str(tmp_path / "fixed.csv")
+    for row in fixed_rows():
+        AB.append_row(csv_path, row)
+    AB.plot_heatmap(csv_path, str(tmp_path / "heatmap.png"))
+    AB.plot_capacity(csv_path, str(tmp_path / "capacity.png"))
+    assert_png(tmp_path / "heatmap.png")
+    assert_png(tmp_path / "capacity.png")
+    with pytest.raises(AB.UserError, match="--capacity"):               # no N axis in these rows
+        AB.plot_capacity([r for r in fixed_rows() if r["n_pairs"] == 0], str(tmp_path / "none.png"))
+
+
+def test_family_bars_from_a_fixed_results_json(tmp_path):
+    fam = {"single_hop": 0.5, "update": 0.25, "abstention": 1.0}
+    res = {n: dict(macro_em=m, per_family=fam, history_tokens_in_context=0, trainable_params=0)
+           for n, m in [("no_history", 0.1), ("full_context", 0.7), ("deltamem", 0.4)]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(dict(conditions=res)))
+    AB.plot_families(str(path), str(tmp_path / "families.png"))
+    assert_png(tmp_path / "families.png")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(AB.UserError, match="bad.json"):
+        AB.plot_families(str(tmp_path / "bad.json"), str(tmp_path / "x.png"))
+
+
+def test_training_curves_from_checkpoint_histories(tmp_path):
+    paths = []
+    for i in range(3):
+        (tmp_path / f"cell{i}").mkdir()
+        p = tmp_path / f"cell{i}" / "memory_deltamem.pt"
+        torch.save(dict(history=[dict(iter=it, train=3.0 / (it + i), val_acc=it / 40) for it in (10, 20, 30)]), p)
+        paths.append(p)
+    AB.plot_training(paths, str(tmp_path / "training.png"))
+    assert_png(tmp_path / "training.png")
+
+
+@pytest.mark.parametrize("over", [dict(), dict(update="hebbian"), dict(heads=2, rank=4), dict(gates="scalar")])
+def test_memory_trace_replays_to_the_models_own_state(enc, gpt, tmp_path, over):
+    torch.manual_seed(1)
+    model = DeltaMemGPT(gpt, TM.memory_config(dict(TM.DEFAULTS, key_dim=4, **over)))
+    for mem in model.memories.values():                                  # gates that differ per token
+        torch.nn.init.normal_(mem.W_beta.weight, std=0.5)
+    ep = tasks.make_recall(np.random.default_rng(3), "tiny", "iid")
+    trace = AB.memory_trace(model, enc, ep, layer=0)
+    T = len(trace["tokens"])
+    assert T == len(trace["line_of"]) == len(enc.encode_ordinary(tasks.render_history(ep)))
+    assert "".join(trace["tokens"]) == tasks.render_history(ep)
+    S = torch.tensor(trace["states"])                                    # (T, H, r, d_k)
+    H, r = model.mcfg.heads, model.mcfg.rank
+    assert S.shape == (T, H, r, 4) and np.array(trace["beta"]).shape == (H * r, T)
+    # the token-by-token replay (recurrent) ends where the model's chunkwise write pass ended
+    assert torch.allclose(S[-1], torch.tensor(trace["final_state"]), atol=1e-5)
+    lines = [l for s in ep.sessions for l in s]
+    assert trace["fact_lines"] == [i for i, l in enumerate(lines) if ": " in l and l.endswith(".")
+                                   and l.split(":")[0] in {q.q.rstrip("?") for q in ep.questions}]
+    AB.plot_work(trace, str(tmp_path / "work.png"))
+    assert_png(tmp_path / "work.png")
+
+
+def test_memory_trace_refuses_segment_writes(enc, gpt):
+    model = DeltaMemGPT(gpt, TM.memory_config(dict(TM.DEFAULTS, write="segment")))
+    with pytest.raises(AB.UserError, match="SSW"):
+        AB.memory_trace(model, enc, tasks.make_recall(np.random.default_rng(3), "tiny", "iid"))
