@@ -51,7 +51,7 @@ def test_quick_run_writes_the_required_keys_and_consistent_ratios(tmp_path):
     last = out["answer"][-1]
     assert last["T"] == max(r["T"] for r in out["answer"]) == out["answer_max_T"]
     assert out["answer_time_ratio_at_max_T"] == pytest.approx(last["full_context_ms"] / last["deltamem_ms"])
-    assert last["full_context_tokens"] == bench.BACKBONE["block_size"] - 2                     # truncated to the block, room for 2
+    assert last["full_context_tokens"] == bench.BACKBONE["block_size"] - 2  # truncated, room for 2
     d = out["decode"]
     assert out["decode_overhead"] == pytest.approx(d["with_memory_ms"] / d["bare_ms"])
     peaks = [t["memory_step_peak_mib"], t["backbone_step_peak_mib"], last["full_context_peak_mib"],
