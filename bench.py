@@ -1,11 +1,24 @@
 """
-Benchmark the delta-rule scan: chunkwise-parallel vs the token loop, forward + backward.
+What the memory costs, measured side by side and reported as ratios (one run, one machine):
 
-    python bench.py                 # T = 256, 1024, 4096; batch 8, 4 state heads, d_k = r = 8
-    python bench.py --T=1024 --repeats=5
+  1. scan       chunkwise-parallel vs token-loop delta rule, forward + backward
+  2. training   one memory-training step (train_memory's episode_loss: write pass + read pass, frozen
+                backbone) vs a plain backbone forward + backward, all weights trainable, same tokens
+  3. answering  Q questions after a history of T tokens: δ-mem writes the history once and reads per
+                question; full context re-reads the (left-truncated) history for every question
+  4. memory     the peak extra memory of every measured call (see peak_mib)
+  5. decode     per-token greedy generation latency with the memory attached vs the bare backbone
 
-Prints a table and writes bench.json (with the machine it ran on).
+    python bench.py                     # the full run (~3 minutes on 2 CPU cores)
+    python bench.py --quick             # a seconds-long smoke run (tiny sizes, numbers not meaningful)
+    python bench.py --T=1024 --repeats=5 --out=bench.json
+
+Models are the cpu-preset sizes (4 layers, 4 heads, width 128, block 256, vocabulary 4096) with random
+weights: speed does not depend on what the weights learned. Every time is the best of --repeats runs
+after one warm-up run. Prints a table per part and writes bench.json (with the machine it ran on).
 """
+import contextlib
+import copy
 import json
 import os
 import platform
@@ -15,16 +28,102 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanodeltamem import delta_rule_scan
+from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, IGNORE_INDEX, delta_rule_scan
+
+BACKBONE = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=4096)  # the cpu preset
 
 
 def machine():
     info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                 cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__)
+    info["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({info['processor']})"
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu"] = info["device_name"]
     return info
 
+
+# ----------------------------------------------------------------------------------------------
+# measuring: time and peak memory of one call
+# ----------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, repeats, device):
+    """Best wall time of fn() over `repeats` runs, after one warm-up run (seconds)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """The profiler's C++ side logs start/stop lines to fd 2; silence them for the measurement."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def peak_mib(fn, device):
+    """Peak memory of torch tensors allocated by one call to fn(), above what was live before (MiB).
+
+    CUDA: the caching allocator's own peak counter. CPU: torch.profiler(profile_memory=True) records
+    every tensor allocation and free with a timestamp; the running sum's maximum is the peak. Both count
+    torch tensors only (not the Python heap or allocator caches), so the numbers compare like with like.
+    (Frees of tensors that existed before the call are invisible to the profiler: a slight over-count.)
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    if device != "cpu":
+        return None                                                      # mps: no honest counter
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")                           # + allocation, - free
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2 ** 20
+
+
+def ratio_row(name_a, fn_a, name_b, fn_b, repeats, device, memory=True):
+    """Time (ms) and peak memory (MiB) of two calls; `ratio` = time a / time b."""
+    row = {}
+    for name, fn in ((name_a, fn_a), (name_b, fn_b)):
+        row[f"{name}_ms"] = 1000 * best_time(fn, repeats, device)
+        row[f"{name}_peak_mib"] = peak_mib(fn, device) if memory else None
+    row["ratio"] = row[f"{name_a}_ms"] / row[f"{name_b}_ms"]
+    return row
+
+
+def mib(x):
+    return f"{x:7.1f} MiB" if x is not None else "    n/a"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. the scan: chunkwise vs token loop
+# ----------------------------------------------------------------------------------------------
 
 def inputs(B, H, T, dk, r, gates, device, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -35,62 +134,245 @@ def inputs(B, H, T, dk, r, gates, device, seed=0):
     return [x.to(device).requires_grad_(True) for x in (q, k, v, beta)]
 
 
-def time_fwd_bwd(xs, chunk_size, repeats, device):
+def scan_fwd_bwd(xs, chunk_size):
     def once():
         read, S = delta_rule_scan(*xs, chunk_size=chunk_size)
         (read.square().mean() + S.square().mean()).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    once()                                                               # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - t)
-    return best
+        for x in xs:
+            x.grad = None
+    return once
 
 
-def scan_bench(Ts=(256, 1024, 4096), B=8, H=4, dk=8, r=8, chunk_size=8, repeats=3, device="cpu"):
+def scan_bench(Ts=(256, 1024, 4096), B=8, H=4, dk=8, r=8, chunk_size=8, repeats=3, device="cpu",
+               gates_list=("rowwise", "scalar")):
+    print(f"1. delta-rule scan, forward + backward, batch {B}, {H} state heads, d_k = {dk}, r = {r}, C = {chunk_size}")
     rows = []
-    for gates in ("rowwise", "scalar"):
+    for gates in gates_list:
         for T in Ts:
             xs = inputs(B, H, T, dk, r, gates, device)
-            rec = time_fwd_bwd(xs, None, max(1, repeats - 1), device)
-            chk = time_fwd_bwd(xs, chunk_size, repeats, device)
-            rows.append(dict(gates=gates, T=T, recurrent_ms=1000 * rec, chunkwise_ms=1000 * chk, speedup=rec / chk))
-            print(f"  {gates:8s} T={T:5d}: token loop {1000 * rec:8.1f} ms | chunkwise (C={chunk_size}) "
-                  f"{1000 * chk:7.1f} ms | {rec / chk:5.1f}x", flush=True)
+            rec, chk = scan_fwd_bwd(xs, None), scan_fwd_bwd(xs, chunk_size)
+            row = ratio_row("recurrent", rec, "chunkwise", chk, repeats, device, memory=gates == "rowwise")
+            row = dict(gates=gates, T=T, speedup=row.pop("ratio"), **row)
+            rows.append(row)
+            print(f"  {gates:8s} T={T:5d}: token loop {row['recurrent_ms']:8.1f} ms {mib(row['recurrent_peak_mib'])} | "
+                  f"chunkwise {row['chunkwise_ms']:7.1f} ms {mib(row['chunkwise_peak_mib'])} | "
+                  f"{row['speedup']:5.1f}x", flush=True)
     return rows
 
 
-def main(argv):
-    args = dict(T="256,1024,4096", repeats=3, chunk_size=8, device="cuda" if torch.cuda.is_available() else "cpu")
+# ----------------------------------------------------------------------------------------------
+# models and batches shared by parts 2, 3 and 5
+# ----------------------------------------------------------------------------------------------
+
+def models(device, seed=0):
+    """(trainable GPT, DeltaMemGPT with train_memory's default memory on a frozen twin of it)."""
+    import train_memory
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(**BACKBONE)).to(device)
+    mem = DeltaMemGPT(copy.deepcopy(gpt), train_memory.memory_config(train_memory.DEFAULTS)).to(device)
+    return gpt, mem
+
+
+def train_batch(B=16, W=3, L=128, Q=6, Lq=20, line=16, answer=3, vocab=4096, seed=0):
+    """A memory-training batch with the default batch's shapes (16 episodes x 3 windows x ~130 tokens,
+    6 questions x ~20 tokens; data/tasks.collate_episodes' format), random tokens, lines of `line`
+    tokens, the last `answer` tokens of every question as targets."""
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randint(vocab, (B, W, L), generator=g)                 # (B, W, L)
+    seg = (torch.arange(L) // line).expand(B, W, L).clone()              # (B, W, L) line ids
+    qx = torch.randint(vocab, (B, Q, Lq), generator=g)                  # (B, Q, Lq)
+    qy = torch.full_like(qx, IGNORE_INDEX)
+    qy[..., -answer:] = torch.randint(vocab, (B, Q, answer), generator=g)  # answer-only targets
+    return dict(hist=hist, mask=torch.ones_like(hist, dtype=torch.bool), seg=seg, qx=qx, qy=qy)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. training: a memory step vs a plain backbone step on the same tokens
+# ----------------------------------------------------------------------------------------------
+
+def train_step_bench(repeats=3, device="cpu", **shape):
+    import train_memory
+    gpt, mem = models(device)
+    batch = {k: v.to(device) for k, v in train_batch(**shape).items()}
+    cfg = train_memory.DEFAULTS
+    hist, qx = batch["hist"].flatten(0, 1), batch["qx"].flatten(0, 1)  # (B·W, L), (B·Q, Lq)
+    hist_y = torch.roll(hist, -1, dims=1)                                # next-token targets
+
+    def memory_step():                                                   # exactly what train_one runs
+        mem.train()
+        train_memory.episode_loss(mem, batch, cfg, device).backward()
+        mem.zero_grad(set_to_none=True)
+
+    def backbone_step():                                                 # the same windows, all weights
+        gpt.train()
+        (gpt(hist, hist_y)[1] + gpt(qx, batch["qy"].flatten(0, 1))[1]).backward()
+        gpt.zero_grad(set_to_none=True)
+
+    ntok = hist.numel() + qx.numel()
+    row = ratio_row("memory_step", memory_step, "backbone_step", backbone_step, repeats, device)
+    row = dict(tokens=ntok, shape=dict(B=batch["hist"].size(0), W=batch["hist"].size(1), L=batch["hist"].size(2),
+                                       Q=qx.size(0) // batch["hist"].size(0), Lq=qx.size(1)),
+               overhead=row.pop("ratio"), **row)
+    print(f"2. training step, forward + backward, {ntok:,} tokens ({row['shape']}):\n"
+          f"  memory (write + read pass, frozen backbone) {row['memory_step_ms']:7.1f} ms {mib(row['memory_step_peak_mib'])} | "
+          f"backbone (all weights trainable) {row['backbone_step_ms']:7.1f} ms {mib(row['backbone_step_peak_mib'])} | "
+          f"{row['overhead']:.2f}x", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. answering Q questions after a history of T tokens
+# ----------------------------------------------------------------------------------------------
+
+def full_context_prompts(history, questions, block, answer_len):
+    """Full context: every question behind the whole history, left-truncated so that the prompt and
+    its answer fit the block. history (T,), questions (Q, Lq) -> (Q, min(T + Lq, block - answer_len))."""
+    Q = questions.size(0)
+    prompts = torch.cat([history.expand(Q, -1), questions], dim=1)      # (Q, T + Lq)
+    return prompts[:, -(block - answer_len):]
+
+
+def history_windows(history, block):
+    """history (T,) -> (1, W, block) windows and their real-token mask, the last one padded."""
+    T = history.numel()
+    W = -(-T // block)
+    idx = torch.zeros(W * block, dtype=torch.long, device=history.device)
+    idx[:T] = history
+    mask = torch.arange(W * block, device=history.device) < T
+    return idx.view(1, W, block), mask.view(1, W, block)
+
+
+def answer_bench(Ts=(128, 256, 512, 1024, 2048), Q=16, Lq=16, answer_len=4, repeats=3, device="cpu"):
+    gpt, mem = models(device)
+    gpt.eval()
+    mem.eval()
+    block = gpt.config.block_size
+    g = torch.Generator().manual_seed(1)
+    questions = torch.randint(gpt.config.vocab_size, (Q, Lq), generator=g).to(device)  # (Q, Lq)
+    print(f"3. answering {Q} questions ({Lq} tokens, {answer_len} answer tokens, greedy; batched) after T history "
+          f"tokens; time per answer:")
+    rows = []
+    for T in Ts:
+        history = torch.randint(gpt.config.vocab_size, (T,), generator=g).to(device)
+        windows, mask = history_windows(history, block)
+        prompts = full_context_prompts(history, questions, block, answer_len)
+
+        @torch.no_grad()
+        def write():                                                     # once per history
+            mem.reset_memory()
+            mem(windows, write=True, mask=mask)
+
+        write()
+        states = [s.expand(Q, -1, -1, -1) for s in mem.memory_state()]  # every question reads the same S
+
+        def deltamem_answers():                                          # reads only: question tokens
+            mem.set_memory_state(states)
+            mem.generate(questions, answer_len)
+
+        def full_answers():                                              # the history, every time
+            gpt.generate(prompts, answer_len, temperature=0)
+
+        last = T == max(Ts)
+        row = ratio_row("full_context", full_answers, "deltamem", deltamem_answers, repeats, device, memory=last)
+        row["full_context_ms"] /= Q                                      # per answer
+        row["deltamem_ms"] /= Q
+        row.update(T=T, full_context_tokens=prompts.size(1), deltamem_tokens=Lq,
+                   deltamem_write_ms=1000 * best_time(write, repeats, device),
+                   deltamem_write_peak_mib=peak_mib(write, device) if last else None)
+        row["deltamem_with_write_ms"] = row["deltamem_ms"] + row["deltamem_write_ms"] / Q  # write amortised
+        rows.append(row)
+        print(f"  T={T:5d}: full context ({row['full_context_tokens']:3d} tokens) {row['full_context_ms']:6.1f} ms | "
+              f"δ-mem ({Lq} tokens) {row['deltamem_ms']:6.1f} ms, + write once {row['deltamem_write_ms']:6.1f} ms "
+              f"({row['deltamem_with_write_ms']:5.1f} ms/answer amortised) | {row['ratio']:4.1f}x", flush=True)
+    r = rows[-1]
+    print(f"  peak memory at T={r['T']}: full context {mib(r['full_context_peak_mib'])} | δ-mem reads "
+          f"{mib(r['deltamem_peak_mib'])}, write {mib(r['deltamem_write_peak_mib'])}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. decode: per-token latency with the memory attached
+# ----------------------------------------------------------------------------------------------
+
+def decode_bench(prompt_len=32, new_tokens=32, history=256, repeats=3, device="cpu"):
+    """Greedy generation, batch 1. Both generate() loops re-run the whole sequence for every token (no
+    KV cache on either side), so the ratio isolates the memory's reads."""
+    gpt, mem = models(device)
+    gpt.eval()
+    mem.eval()
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(gpt.config.vocab_size, (1, prompt_len), generator=g).to(device)
+    with torch.no_grad():                                                # a non-zero state to read
+        mem.reset_memory()
+        mem(torch.randint(gpt.config.vocab_size, (1, 1, history), generator=g).to(device), write=True)
+    bare = lambda: gpt.generate(prompt, new_tokens, temperature=0)
+    with_memory = lambda: mem.generate(prompt, new_tokens)
+    row = ratio_row("with_memory", with_memory, "bare", bare, repeats, device)
+    row["with_memory_ms"] /= new_tokens                                  # per token
+    row["bare_ms"] /= new_tokens
+    row = dict(prompt_len=prompt_len, new_tokens=new_tokens, overhead=row.pop("ratio"), **row)
+    print(f"5. decode, batch 1, {prompt_len}-token prompt + {new_tokens} tokens, per token: with memory "
+          f"{row['with_memory_ms']:.2f} ms {mib(row['with_memory_peak_mib'])} | bare {row['bare_ms']:.2f} ms "
+          f"{mib(row['bare_peak_mib'])} | {row['overhead']:.2f}x", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+
+def parse(argv):
+    args = dict(T="256,1024,4096", repeats="3", chunk_size="8", quick=False, out="bench.json",
+                device="cuda" if torch.cuda.is_available() else "cpu")
     for a in argv:
-        key, _, val = a.lstrip("-").partition("=")
+        key, eq, val = a.lstrip("-").partition("=")
         if key not in args:
-            print(f"error: unknown option --{key}; valid: {', '.join('--' + k for k in args)}", file=sys.stderr)
-            sys.exit(2)
-        args[key] = val
+            sys.exit(f"error: unknown option --{key}; valid: {', '.join('--' + k for k in args)}")
+        args[key] = True if key == "quick" and not eq else val
     try:
-        Ts = tuple(int(t) for t in str(args["T"]).split(","))
-        repeats, chunk = int(args["repeats"]), int(args["chunk_size"])
-        if min(Ts) < 1 or repeats < 1 or chunk < 1:
+        args["quick"] = args["quick"] in (True, "1", "true", "True")
+        args["T"] = tuple(int(t) for t in str(args["T"]).split(","))
+        args["repeats"], args["chunk_size"] = int(args["repeats"]), int(args["chunk_size"])
+        if min(args["T"]) < 1 or args["repeats"] < 1 or args["chunk_size"] < 1:
             raise ValueError
     except ValueError:
-        print("error: --T takes positive ints (e.g. 256,1024), --repeats and --chunk_size positive ints",
-              file=sys.stderr)
-        sys.exit(2)
+        sys.exit("error: --T takes positive ints (e.g. 256,1024), --repeats and --chunk_size positive ints")
+    return args
+
+
+def main(argv):
+    a = parse(argv)
+    dev, rep = a["device"], a["repeats"]
     info = machine()
-    print(f"delta-rule scan, forward + backward, batch 8, 4 state heads, d_k = r = 8 on "
-          f"{info.get('gpu', str(info['cpu_cores']) + ' CPU cores')} (torch {info['torch']})")
-    rows = scan_bench(Ts, chunk_size=chunk, repeats=repeats, device=args["device"])
-    out = dict(machine=info, scan=rows)
-    for row in rows:
+    print(f"on {info['device_name']}, {info['cpu_cores']} CPU cores, torch {info['torch']}"
+          f"{' (--quick: tiny sizes, the numbers mean nothing)' if a['quick'] else ''}")
+    if a["quick"]:                                                       # smoke run: every code path, tiny
+        scan = scan_bench((64, 1024), B=1, H=1, chunk_size=a["chunk_size"], repeats=1, device=dev,
+                          gates_list=("rowwise",))
+        train = train_step_bench(1, dev, B=2, W=2, L=32, Q=2, Lq=8)
+        answer = answer_bench((64, 512), Q=2, Lq=8, answer_len=2, repeats=1, device=dev)
+        decode = decode_bench(8, 2, 32, repeats=1, device=dev)
+    else:
+        scan = scan_bench(a["T"], chunk_size=a["chunk_size"], repeats=rep, device=dev)
+        train = train_step_bench(rep, dev)
+        answer = answer_bench(repeats=rep, device=dev)
+        decode = decode_bench(repeats=rep, device=dev)
+    out = dict(machine=info, quick=a["quick"], memory_measure="torch.cuda.max_memory_allocated" if dev == "cuda"
+               else "torch.profiler profile_memory: peak of live tensor bytes above the start",
+               train_step_overhead=train["overhead"], answer_time_ratio_at_max_T=answer[-1]["ratio"],
+               answer_max_T=answer[-1]["T"], decode_overhead=decode["overhead"],
+               scan=scan, train_step=train, answer=answer, decode=decode)
+    for row in scan:
         if row["T"] == 1024:
             out["scan_speedup_T1024" if row["gates"] == "rowwise" else "scan_speedup_T1024_scalar"] = row["speedup"]
-    with open("bench.json", "w") as f:
+    with open(a["out"], "w") as f:
         json.dump(out, f, indent=1)
-    print("wrote bench.json")
+    s = out.get("scan_speedup_T1024")
+    print(f"\nscan speedup at T=1024 (row-wise gates): {f'{s:.1f}x' if s else 'n/a (--T without 1024)'} | "
+          f"training step overhead {out['train_step_overhead']:.2f}x | full context / δ-mem time per answer at "
+          f"T={out['answer_max_T']}: {out['answer_time_ratio_at_max_T']:.1f}x | decode overhead "
+          f"{out['decode_overhead']:.2f}x\nwrote {a['out']}")
+    return out
 
 
 if __name__ == "__main__":

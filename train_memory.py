@@ -42,6 +42,7 @@ DEFAULTS = dict(
     # training
     max_iters=120, batch_size=16, learning_rate=1e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
+    compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=20, val_episodes=64,
     # evaluation
     baselines="lora,hebbian",     # which trained baselines to train and compare ("" for none)
@@ -181,6 +182,7 @@ def train_one(kind, name, gpt, enc, cfg, device):
     """Train one memory (or the LoRA baseline); resumes from / reuses <out_dir>/memory_<name>.pt."""
     from data import tasks
     model = build(kind, gpt, cfg).to(device)
+    step = torch.compile(model) if cfg["compile"] else model             # runs the steps; saves use model
     path = os.path.join(cfg["out_dir"], f"memory_{name}.pt")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0)
@@ -217,7 +219,7 @@ def train_one(kind, name, gpt, enc, cfg, device):
             for g in opt.param_groups:
                 g["lr"] = train_backbone.lr_at(it, cfg)
             model.train()
-            loss = episode_loss(model, batch, cfg, device)
+            loss = episode_loss(step, batch, cfg, device)
             if not torch.isfinite(loss):
                 raise UserError(f"[{name}] loss became {loss.item()} at iteration {it}; the last good checkpoint "
                                 f"is {path}. Try a lower --learning_rate (now {cfg['learning_rate']})")

@@ -125,6 +125,19 @@ def test_save_load_identical_logits_and_resume_continues(data_dir, tmp_path, mon
         TB.train(cfg(tmp_path / "run", "--resume", "--n_embd=32"))
 
 
+def test_compiled_training_saves_unwrapped_checkpoint(data_dir, tmp_path, fake_compile):
+    path = TB.train(TB.parse_config(tiny_args(data_dir, tmp_path, "--max_iters=3", "--compile=True"),
+                                    TB.DEFAULTS, TB.PRESETS))
+    assert len(fake_compile["wrapped"]) == 1 and fake_compile["calls"] >= 3  # the steps ran through the wrapper
+    raw = fake_compile["wrapped"][0]
+    assert all(k.startswith("_orig_mod.") for k in fake_compile["real_keys"](raw))
+    ckpt = torch.load(path, weights_only=False)
+    assert list(ckpt["model"]) == list(raw.state_dict())                # no wrapper prefix
+    model, _ = load_backbone(path)
+    x = torch.randint(0, 300, (2, 20))
+    assert torch.equal(model(x)[0], raw(x)[0])
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--max_iters=5e3"], "expects a int"),
     (["--nonsense=1"], "unknown option --nonsense"),

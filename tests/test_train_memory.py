@@ -64,3 +64,20 @@ def test_results_follow_the_design_schema(tmp_path):
     assert out["ratios"]["vs_best_non_deltamem"] == pytest.approx(0.45 / 0.3)   # hebbian, at 0 tokens
     assert out["ratios"]["vs_best_non_deltamem_at_64"] == pytest.approx(0.5 / 0.3)
     assert "deltamem" in (tmp_path / "results.md").read_text()
+
+
+def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path, fake_compile):
+    from nanodeltamem import load_checkpoint
+    cfg = dict(TM.DEFAULTS, out_dir=str(tmp_path), max_iters=2, batch_size=2, log_interval=2, val_episodes=2,
+               warmup_iters=1, compile=True)
+    model = TM.train_one("deltamem", "deltamem", gpt, enc, cfg, "cpu")
+    assert fake_compile["wrapped"] == [model] and fake_compile["calls"] == 2 * 2  # write + read pass per step
+    wrapper_keys = fake_compile["real_keys"](model)
+    assert wrapper_keys == list(torch.compile(model).state_dict())      # the stand-in prefixes like the real one
+    assert all(k.startswith("_orig_mod.") for k in wrapper_keys)
+    saved = load_checkpoint(tmp_path / "memory_deltamem.pt")["memory"]
+    assert not any("_orig_mod" in k for k in saved)
+    assert saved.keys() == model.memories.state_dict().keys()
+    loaded, _ = DeltaMemGPT.load_memory(tmp_path / "memory_deltamem.pt", gpt)
+    for (n, a), (_, b) in zip(model.memories.state_dict().items(), loaded.memories.state_dict().items()):
+        assert torch.equal(a, b), n                                      # the trained weights came back
