@@ -599,7 +599,8 @@ def load_checkpoint(path, required=()):
                          f"delete it and train again") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{path} is not the right kind of checkpoint (missing {', '.join(missing)})")
+        raise ValueError(f"{path} is not the right kind of checkpoint (missing {', '.join(missing)}); "
+                         f"pass the right file, or delete it and train again")
     return ckpt
 
 

@@ -11,7 +11,10 @@ optimizer, a training loop with periodic evaluation and checkpoints, then a shor
 """
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -91,6 +94,53 @@ def check_positive(cfg, keys):
     for k in keys:
         if cfg[k] <= 0:
             raise UserError(f"--{k} must be > 0, got {cfg[k]}")
+
+
+def check_ranges(cfg, rules):
+    """rules: key -> (predicate, the valid values in words). The first violation is a one-line UserError."""
+    for k, (ok, valid) in rules.items():
+        if not ok(cfg[k]):
+            raise UserError(f"--{k}={cfg[k]} is out of range: use {valid}")
+
+
+def check_device(device):
+    if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"--device={device} is not valid: use auto, cpu, cuda, cuda:N or mps")
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or `kill` (SIGTERM) only sets a flag: the training loop checks it between
+    iterations, so the checkpoint it then saves never holds a half-applied optimizer step. A second
+    Ctrl-C stops at once, without saving (the last periodic checkpoint stays). restore() undoes it."""
+
+    def __init__(self, ckpt_path):
+        self.ckpt_path, self.requested = ckpt_path, False
+        main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+
+    def restore(self):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            print(f"\nstopped without saving; the last checkpoint is {self.ckpt_path}", flush=True)
+            raise SystemExit(130)
+        self.requested = True
+        print("\nstopping after this iteration to save a checkpoint (Ctrl-C again: stop now)", flush=True)
+
+    def check(self):
+        """Called at an iteration boundary: turns a pending stop request into KeyboardInterrupt."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def resume_command(cfg):
+    """The command line that resumes this run: every option that differs from its default, plus --resume."""
+    base = dict(DEFAULTS, **PRESETS[cfg["preset"]])
+    args = [shlex.quote(f"--{k}={v}") for k, v in cfg.items() if k not in ("resume", "preset") and v != base[k]]
+    preset = [f"--preset={cfg['preset']}"] if cfg["preset"] != DEFAULTS["preset"] else []
+    return " ".join(["python train_backbone.py", "--resume", *preset, *args])
 
 
 def writable_dir(path):
@@ -265,6 +315,15 @@ def train(cfg):
                          "learning_rate", "eval_interval", "eval_iters", "log_interval"))
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"--n_embd={cfg['n_embd']} must be divisible by --n_head={cfg['n_head']}")
+    unit = "a number in [0, 1), e.g. 0.9"
+    check_ranges(cfg, dict(dropout=(lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.0"),
+                           min_lr=(lambda v: 0 <= v <= cfg["learning_rate"], "a number in [0, --learning_rate]"),
+                           warmup_iters=(lambda v: v >= 0, "a whole number >= 0, e.g. 100"),
+                           weight_decay=(lambda v: v >= 0, "a number >= 0, e.g. 0.1"),
+                           beta1=(lambda v: 0 <= v < 1, unit), beta2=(lambda v: 0 <= v < 1, unit),
+                           grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"),
+                           eval_episodes=(lambda v: v >= 0, "a whole number >= 0, e.g. 200")))
+    check_device(cfg["device"])
     writable_dir(cfg["out_dir"])
     meta = ensure_data(cfg["data_dir"])
     try:
@@ -324,8 +383,10 @@ def train(cfg):
     tokens_per_iter = cfg["batch_size"] * gconf.block_size
     t0, t_last, running = time.time(), time.time(), []
     it = start
+    stop = GracefulStop(ckpt_path)                                       # Ctrl-C / kill: stop between iterations
     try:
         while it < cfg["max_iters"]:
+            stop.check()
             gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + it)  # batch depends only on it
             x, y = train_rows.batch(cfg["batch_size"], gen)
             lr = lr_at(it, cfg)
@@ -358,9 +419,10 @@ def train(cfg):
     except KeyboardInterrupt:
         save(it)
         print(f"\ninterrupted at iteration {it}: checkpoint saved to {ckpt_path}.\n"
-              f"Resume with: python train_backbone.py --resume --out_dir={cfg['out_dir']}"
-              + (f" --preset={cfg['preset']}" if cfg["preset"] != "cpu" else ""))
+              f"Resume with: {resume_command(cfg)}", flush=True)
         sys.exit(130)
+    finally:
+        stop.restore()
     if it == start and start > 0:
         print(f"{ckpt_path} already trained for {start} iterations (--max_iters={cfg['max_iters']})")
     print(f"training took {fmt_time(time.time() - t0)}")

@@ -26,7 +26,7 @@ import torch.nn as nn
 from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
                           IGNORE_INDEX)
 from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, normalize_answer,
-                            check_positive, score)
+                            check_positive, check_ranges, check_device, score)
 import train_backbone
 
 DEFAULTS = dict(
@@ -119,7 +119,7 @@ def memory_config(cfg, **over):
     try:
         return MemoryConfig(**kw)
     except ValueError as e:
-        raise UserError(str(e))
+        raise UserError(f"--{e}")                                       # its messages start with the field's name
 
 
 def condition_name(cfg):
@@ -188,9 +188,15 @@ def train_one(kind, name, gpt, enc, cfg, device):
     opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0)
     start, history = 0, []
     if os.path.exists(path):
-        ckpt = load_checkpoint(path, required=("memory", "mem_config", "backbone_hash"))
+        try:
+            ckpt = load_checkpoint(path, required=("memory", "mem_config", "backbone_hash"))
+        except ValueError as e:
+            raise UserError(str(e))
         if ckpt["backbone_hash"] != model.backbone_hash or ckpt.get("train_config", {}).get("kind") != kind:
             raise UserError(f"{path} belongs to another backbone or model; delete it or use another --out_dir")
+        if ckpt["mem_config"] != asdict(model.mcfg):                   # e.g. another --rank with the same out_dir
+            raise UserError(f"{path} holds a memory with {ckpt['mem_config']}, not {asdict(model.mcfg)}: "
+                            f"delete it, use the same options, or use another --out_dir")
         model.memories.load_state_dict(ckpt["memory"])
         if "optimizer" in ckpt:
             opt.load_state_dict(ckpt["optimizer"])
@@ -211,8 +217,10 @@ def train_one(kind, name, gpt, enc, cfg, device):
     t0 = t_last = time.time()
     running = []
     it = start
+    stop = train_backbone.GracefulStop(path)                             # Ctrl-C / kill: stop between iterations
     try:
         while it < cfg["max_iters"]:
+            stop.check()
             rng = np.random.default_rng([cfg["seed"], it])                # batch depends only on it
             eps = sample_episodes(rng, cfg, cfg["batch_size"])
             batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, cfg["read_window"])
@@ -242,8 +250,10 @@ def train_one(kind, name, gpt, enc, cfg, device):
                 save(it)
     except KeyboardInterrupt:
         save(it)
-        print(f"\ninterrupted at iteration {it}: saved {path}. Re-run the same command to resume.")
+        print(f"\ninterrupted at iteration {it}: saved {path}. Re-run the same command to resume.", flush=True)
         sys.exit(130)
+    finally:
+        stop.restore()
     save(it)
     print(f"[{name}] trained in {fmt_time(time.time() - t0)}; saved {path}")
     return model
@@ -312,15 +322,20 @@ def write_states(model, enc, episodes, device, chunk=32):
 
 def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
     """Answer every question of every episode with the given read context; returns predictions."""
-    block = (model.gpt if model is not None else gpt).config.block_size - 6
     from data import tasks
+    # room for the longest gold answer (+ the newline): a 12-token answer must be decodable too
+    new_tokens = max([6] + [len(enc.encode_ordinary(f" {q.a}\n")) for ep in episodes for q in ep.questions])
+    block = (model.gpt if model is not None else gpt).config.block_size - new_tokens
+    if block < 8:
+        raise UserError(f"an answer of {new_tokens - 1} tokens leaves no room for its question in the backbone's "
+                        f"block of {block + new_tokens} tokens: use shorter answers")
     prompts, owner, hist = [], [], []
     for e, ep in enumerate(episodes):
         for q in ep.questions:
             ask = tasks.question_prompt(enc, q)
             prompts.append((context(ep, q) + ask)[-block:])
             owner.append(e)
-            hist.append(len(prompts[-1]) - len(ask))                     # history tokens actually kept
+            hist.append(max(0, len(prompts[-1]) - len(ask)))             # history tokens actually kept
     hist_tokens = float(np.mean(hist))
     if model is None:
         fn = lambda idx, rows: gpt(idx.to(device))[0].float().cpu()
@@ -330,7 +345,7 @@ def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
             ids = torch.tensor([owner[r] for r in rows], device=device)
             model.set_memory_state([s[ids] for s in states])
             return model(idx.to(device))[0].float().cpu()
-    return greedy_answers(fn, prompts, enc), max(0.0, hist_tokens)
+    return greedy_answers(fn, prompts, enc, new_tokens), hist_tokens
 
 
 def score_condition(preds, episodes):
@@ -492,7 +507,10 @@ def ensure_backbone(cfg):
               f"--preset={cfg['preset']})")
         train_backbone.train(parse_config(args, train_backbone.DEFAULTS, train_backbone.PRESETS))
     elif ours:                                                           # an interrupted pretraining resumes
-        ckpt = load_checkpoint(path, required=("model", "config"))
+        try:
+            ckpt = load_checkpoint(path, required=("model", "config"))
+        except ValueError as e:
+            raise UserError(str(e))
         done, total = ckpt.get("iter_num", 0), ckpt.get("train_config", {}).get("max_iters", 0)
         if done < total:
             print(f"{path} stopped at iteration {done} of {total}: resuming its pretraining first")
@@ -504,11 +522,46 @@ def ensure_backbone(cfg):
     return gpt, ckpt
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
+def check_config(cfg):
+    """Every flag's range, before any work starts (the checks that need the backbone: check_fits)."""
+    from data import tasks
     check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval"))
     if cfg["task"] not in ("msqa", "recall", "mix"):
         raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, mix")
+    if cfg["episode_preset"] not in tasks.PRESETS:
+        raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
+                        f"{', '.join(tasks.PRESETS)}")
+    whole = lambda lo: (lambda v: v >= lo, f"a whole number >= {lo}")
+    check_ranges(cfg, dict(key_dim=whole(1), rank=whole(1), heads=whole(1), chunk_size=(
+        lambda v: v >= 0, "a whole number >= 1 (chunkwise scan), or 0 for the token-by-token loop"),
+        budget=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
+        min_lr=(lambda v: 0 <= v <= cfg["learning_rate"], "a number in [0, --learning_rate]"),
+        grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"), alpha=(lambda v: v > 0, "a number > 0, e.g. 16"),
+        beta_target=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),
+        beta_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.01")))
+    check_device(cfg["device"])
+    if cfg["layers"] != "all" and not all(x.strip().isdigit() for x in str(cfg["layers"]).split(",")):
+        raise UserError(f"--layers={cfg['layers']} is not valid: use all or comma-separated layer indices, e.g. 0,2")
+    for base in [b for b in cfg["baselines"].split(",") if b]:
+        if base not in ("lora", "hebbian"):
+            raise UserError(f"--baselines: unknown baseline {base!r}; choose from lora, hebbian (or an empty list)")
+    memory_config(cfg)                                                   # write, sides, update, gates, init
+
+
+def check_fits(cfg, gpt):
+    """The memory flags that depend on the backbone: rank within the width, layers that exist."""
+    d, n = gpt.config.n_embd, gpt.config.n_layer
+    if cfg["rank"] > d:
+        raise UserError(f"--rank={cfg['rank']} is larger than the backbone's width {d}: use 1..{d}")
+    layers = memory_config(cfg).layers or ()
+    if any(i >= n for i in layers) or len(set(layers)) != len(layers):
+        raise UserError(f"--layers={cfg['layers']}: the backbone has layers 0..{n - 1}; use all or distinct "
+                        f"indices among them")
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
+    check_config(cfg)
     writable_dir(cfg["out_dir"])
     from data.prepare import load_tokenizer
     train_backbone.ensure_data(cfg["data_dir"])
@@ -522,6 +575,7 @@ def main(argv=None):
     gpt.to(device)
     if cfg["eval_only"]:
         return eval_only(cfg, enc, gpt, device)
+    check_fits(cfg, gpt)
     memories = {}
     dm_name = condition_name(cfg)
     memories[dm_name] = train_one("deltamem" if cfg["update"] == "delta" else "hebbian", dm_name, gpt, enc, cfg, device)
@@ -582,3 +636,7 @@ if __name__ == "__main__":
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:                                            # outside a training loop (evaluation)
+        print("\ninterrupted; trained memories are kept in --out_dir: re-run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,352 @@
+"""Reliability: runs killed mid-way resume to the same weights, flags are range-checked, corrupt files
+are named in one line, a seed fixes the results, hand-written episodes are handled or refused."""
+import json
+import re
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_backbone as TB
+import train_memory as TM
+from data import tasks
+from data.tasks import Episode, Question
+from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, MemoryConfig, load_backbone, save_atomic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")        # tiny models: one thread is faster and the same in every process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():                                   # module scope: set before the module's other fixtures run
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data import prepare
+    d = tmp_path_factory.mktemp("data")
+    corpus = d / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(800)))
+    return prepare.prepare(corpus=str(corpus), vocab_size=300, task_share=0.3, task_docs=40, out=str(d / "prep"))
+
+
+@pytest.fixture(scope="module")
+def backbone(data_dir, tmp_path_factory):
+    """A tiny random backbone checkpoint on the prepared vocabulary (the memory tests only need its shape)."""
+    from data.prepare import load_tokenizer
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=load_tokenizer(data_dir).n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16))
+    path = str(tmp_path_factory.mktemp("bb") / "backbone.pt")
+    save_atomic(dict(model=gpt.state_dict(), config=gpt.config.__dict__), path)
+    return path
+
+
+def backbone_args(data_dir, out_dir, *extra):
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=16",
+            "--block_size=32", "--batch_size=4", "--eval_interval=5", "--eval_iters=2", "--log_interval=5",
+            "--warmup_iters=2", "--eval_episodes=2", "--max_iters=60", *extra]
+
+
+def memory_args(data_dir, backbone, out_dir, *extra):
+    return [f"--data_dir={data_dir}", f"--backbone={backbone}", f"--out_dir={out_dir}", "--episode_preset=tiny",
+            "--batch_size=2", "--max_iters=30", "--log_interval=2", "--val_episodes=2", "--eval_episodes=1",
+            "--baselines=", "--budget=16", "--device=cpu", *extra]
+
+
+def start_and_stop(script, args, sig, ready, times=1):
+    """Start `python script args`, send `sig` once `times` stdout lines contain `ready` (a checkpoint was saved)."""
+    p = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if sum(ready in x for x in lines) == times:
+            p.send_signal(sig)
+            break
+    out, err = p.communicate(timeout=120)
+    return p.returncode, "".join(lines) + out, err
+
+
+def same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def run_ok(argv):
+    r = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# interrupted runs resume to the uninterrupted result
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    """The weights of an uninterrupted tiny backbone run."""
+    out = tmp_path_factory.mktemp("straight")
+    return load_backbone(TB.train(TB.parse_config(backbone_args(data_dir, out), TB.DEFAULTS, TB.PRESETS)))[0]
+
+
+def test_backbone_ctrl_c_prints_resume_command_that_reaches_the_straight_weights(data_dir, straight, tmp_path):
+    rc, out, err = start_and_stop("train_backbone.py", backbone_args(data_dir, tmp_path / "b"), signal.SIGINT,
+                                  "saved")
+    ckpt = os.path.join(tmp_path / "b", "backbone.pt")
+    assert rc == 130, err
+    stopped_at = torch.load(ckpt, weights_only=False)["iter_num"]
+    assert 5 <= stopped_at < 60                                        # really stopped mid-run
+    assert f"checkpoint saved to {ckpt}" in out
+    cmd = shlex.split(out.split("Resume with: ")[1].splitlines()[0])
+    assert cmd[:3] == ["python", "train_backbone.py", "--resume"] and "--n_embd=16" in cmd
+    run_ok([sys.executable, *cmd[1:]])                                   # the printed command, as printed
+    resumed, ck = load_backbone(ckpt)
+    assert ck["iter_num"] == 60
+    same_weights(straight.state_dict(), resumed.state_dict())
+
+
+def test_backbone_sigkill_then_resume_matches_straight_run(data_dir, straight, tmp_path):
+    rc, out, _ = start_and_stop("train_backbone.py", backbone_args(data_dir, tmp_path / "b"), signal.SIGKILL, "saved")
+    assert rc == -signal.SIGKILL
+    ckpt = os.path.join(tmp_path / "b", "backbone.pt")
+    assert 5 <= torch.load(ckpt, weights_only=False)["iter_num"] < 60
+    run_ok([sys.executable, "train_backbone.py", *backbone_args(data_dir, tmp_path / "b", "--resume")])
+    same_weights(straight.state_dict(), load_backbone(ckpt)[0].state_dict())
+
+
+def test_memory_training_killed_mid_run_resumes_to_identical_memory_and_results(data_dir, backbone, tmp_path):
+    TM.main(memory_args(data_dir, backbone, tmp_path / "a"))            # uninterrupted
+    rc, out, _ = start_and_stop("train_memory.py", memory_args(data_dir, backbone, tmp_path / "b"), signal.SIGKILL,
+                                "val answer acc", times=2)              # the 2nd line: the 1st save is done
+    assert rc == -signal.SIGKILL
+    ckpt = os.path.join(tmp_path / "b", "memory_deltamem.pt")
+    assert 2 <= torch.load(ckpt, weights_only=False)["iter_num"] < 30
+    r = run_ok([sys.executable, "train_memory.py", *memory_args(data_dir, backbone, tmp_path / "b")])
+    assert "resuming from" in r.stdout
+    a, b = (torch.load(os.path.join(tmp_path / d, "memory_deltamem.pt"), weights_only=False) for d in "ab")
+    assert a["iter_num"] == b["iter_num"] == 30
+    same_weights(a["memory"], b["memory"])
+    res = [json.loads((tmp_path / d / "results.json").read_text()) for d in "ab"]
+    assert res[0]["conditions"] == res[1]["conditions"] and res[0]["per_split"] == res[1]["per_split"]
+
+
+def test_same_seed_same_results_table(data_dir, backbone, tmp_path):
+    tables = []
+    for d in ("x", "y"):
+        TM.main(memory_args(data_dir, backbone, tmp_path / d, "--max_iters=6", "--baselines=lora"))
+        tables.append(json.loads((tmp_path / d / "results.json").read_text())["conditions"])
+    assert tables[0] == tables[1]
+    assert tables[0]["deltamem"]["trainable_params"] > 0 and "lora" in tables[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# corrupt checkpoints and bad flags: one line naming the file / the flag and the fix
+# ----------------------------------------------------------------------------------------------
+
+def one_line_error(script, args):
+    """The error `python script args` prints (the CLI turns UserError into one stderr line, see test_cli_*)."""
+    with pytest.raises(TB.UserError) as e:
+        if script == "train_memory.py":
+            TM.main(args)
+        else:
+            TB.train(TB.parse_config(args, TB.DEFAULTS, TB.PRESETS))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def cli_error(script, args):
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+def test_corrupt_memory_checkpoint_is_one_line(data_dir, backbone, tmp_path, damage):
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = out / "memory_deltamem.pt"
+    gpt, _ = load_backbone(backbone)
+    DeltaMemGPT(gpt, MemoryConfig()).save_memory(str(ckpt), iter_num=1, train_config=dict(kind="deltamem"))
+    raw = ckpt.read_bytes()
+    ckpt.write_bytes({"truncate": raw[:len(raw) // 2], "garbage": b"not a checkpoint",
+                      "foreign": raw}[damage])
+    if damage == "foreign":
+        torch.save({"model": {}}, ckpt)                                  # a loadable file of the wrong kind
+    msg = one_line_error("train_memory.py", memory_args(data_dir, backbone, out))
+    assert str(ckpt) in msg and ("delete it" in msg or "not the right kind" in msg)
+
+
+def test_memory_checkpoint_of_other_options_is_refused(data_dir, backbone, tmp_path):
+    gpt, _ = load_backbone(backbone)
+    cfg = TB.parse_config(memory_args(data_dir, backbone, tmp_path, "--rank=4"), TM.DEFAULTS, TM.PRESETS)
+    path = tmp_path / "memory_deltamem.pt"
+    TM.build("deltamem", gpt, cfg).save_memory(str(path), iter_num=3, train_config=dict(kind="deltamem"))
+    cfg8 = dict(cfg, rank=8)
+    with pytest.raises(TB.UserError, match=r"memory_deltamem\.pt holds a memory with .*another --out_dir"):
+        TM.train_one("deltamem", "deltamem", gpt, None, cfg8, "cpu")
+
+
+def test_corrupt_default_backbone_checkpoint_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "backbone.pt"
+    path.write_bytes(b"\x80\x02truncated")
+    monkeypatch.setitem(TM.DEFAULTS, "backbone", str(path))
+    with pytest.raises(TB.UserError, match=re.escape(str(path)) + " is corrupt or truncated.*delete it"):
+        TM.ensure_backbone(dict(TM.DEFAULTS, backbone=str(path)))
+
+
+@pytest.mark.parametrize("flag,valid", [
+    ("--key_dim=0", "a whole number >= 1"), ("--rank=-2", "a whole number >= 1"), ("--heads=0", ">= 1"),
+    ("--chunk_size=-1", "0 for the token-by-token loop"), ("--max_iters=-5", "must be > 0"),
+    ("--batch_size=0", "must be > 0"), ("--learning_rate=0", "must be > 0"), ("--budget=0", ">= 1"),
+    ("--eval_episodes=0", "must be > 0"), ("--min_lr=1", "[0, --learning_rate]"),
+    ("--beta_target=2", "[0, 1]"), ("--write=line", "token, segment"), ("--sides=k", "q, o, qo"),
+    ("--update=oja", "delta, hebbian"), ("--gates=vector", "rowwise, scalar"), ("--layers=0,x", "e.g. 0,2"),
+    ("--baselines=rag", "lora, hebbian"), ("--episode_preset=huge", "tiny, small, medium, long"),
+    ("--device=gpu", "auto, cpu, cuda"), ("--key_dim=2.5", "expects a int"), ("--bogus=1", "valid options"),
+])
+def test_memory_flags_are_range_checked_before_any_work(flag, valid, tmp_path):
+    # a nonexistent backbone and data dir: the flag must be refused before either is looked at
+    msg = one_line_error("train_memory.py", [f"--out_dir={tmp_path}", "--data_dir=/nonexistent",
+                                             "--backbone=/nonexistent.pt", flag])
+    assert flag.split("=")[0] in msg and valid in msg
+
+
+def test_cli_prints_one_line_for_a_bad_flag_and_a_corrupt_checkpoint(data_dir, backbone, tmp_path):
+    assert "--key_dim=0 is out of range" in cli_error("train_memory.py", ["--key_dim=0", "--data_dir=/nonexistent"])
+    (tmp_path / "memory_deltamem.pt").write_bytes(b"half a checkpoint")
+    msg = cli_error("train_memory.py", memory_args(data_dir, backbone, tmp_path))
+    assert f"{tmp_path / 'memory_deltamem.pt'} is corrupt or truncated" in msg
+
+
+@pytest.mark.parametrize("flag,valid", [("--rank=17", "use 1..16"), ("--layers=1", "layers 0..0")])
+def test_memory_flags_that_depend_on_the_backbone(data_dir, backbone, tmp_path, flag, valid):
+    msg = one_line_error("train_memory.py", memory_args(data_dir, backbone, tmp_path, flag))
+    assert flag.split("=")[0] in msg and valid in msg
+    assert not os.path.exists(tmp_path / "memory_deltamem.pt")          # refused before training
+
+
+@pytest.mark.parametrize("flag,valid", [
+    ("--dropout=1.5", "[0, 1)"), ("--warmup_iters=-1", ">= 0"), ("--beta2=1", "[0, 1)"), ("--grad_clip=0", "> 0"),
+    ("--min_lr=0.5", "[0, --learning_rate]"), ("--device=tpu", "auto, cpu, cuda"), ("--n_head=0", "must be > 0"),
+])
+def test_backbone_flags_are_range_checked(flag, valid, tmp_path):
+    # a nonexistent data dir: a flag that slipped through fails on the data, never trains the default backbone
+    msg = one_line_error("train_backbone.py", [f"--out_dir={tmp_path}", "--data_dir=/nonexistent", flag])
+    assert flag.split("=")[0] in msg and valid in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN loss: stop with the iteration and a hint, keep the last good checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_memory_training_and_keeps_last_checkpoint(data_dir, backbone, tmp_path, monkeypatch):
+    from data.prepare import load_tokenizer
+    gpt, _ = load_backbone(backbone)
+    cfg = TB.parse_config(memory_args(data_dir, backbone, tmp_path, "--max_iters=6"), TM.DEFAULTS, TM.PRESETS)
+    real, calls = TM.episode_loss, []
+
+    def nan_at_5th(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(TM, "episode_loss", nan_at_5th)
+    with pytest.raises(TB.UserError, match=r"loss became nan at iteration 4; the last good checkpoint is .*"
+                                           r"memory_deltamem\.pt\. Try a lower --learning_rate"):
+        TM.train_one("deltamem", "deltamem", gpt, load_tokenizer(data_dir), cfg, "cpu")
+    assert torch.load(tmp_path / "memory_deltamem.pt", weights_only=False)["iter_num"] == 4  # saved at log 2, 4
+
+
+# ----------------------------------------------------------------------------------------------
+# hand-written episodes
+# ----------------------------------------------------------------------------------------------
+
+LONG_LINE = "Mia: " + "the weather was very nice and " * 100 + "Alice lives in Paris."
+EDGE = [
+    Episode([["Session 1 (Day 1)", "", "Mia: Zoë lives in Zürich."], [""]],                  # blank lines
+            [Question("Where does Zoë live?", "Zürich", "single_hop")]),
+    Episode([[LONG_LINE]], [Question("Where does Alice live?", "Paris", "single_hop")]),     # a very long line
+    Episode([["Łukasz: 你好, Søren!"]], [Question("Who greets Søren?", "Łukasz", "single_hop")]),
+    Episode([["Mia: the code is X-17-alpha-omega-42-zeta."]],                                # a many-token answer
+            [Question("What is the code?", "X-17-alpha-omega-42-zeta", "single_hop")]),
+]
+
+
+def test_edge_episodes_round_trip_and_collate_into_windows(enc, tmp_path):
+    path = tmp_path / "edge.jsonl"
+    tasks.save_jsonl(path, EDGE)
+    eps = tasks.load_jsonl(path)
+    assert eps == EDGE
+    window = 32
+    b = tasks.collate_episodes(enc, eps, window, enc.eot_token)
+    assert b["hist"].shape[-1] <= window
+    for e, ep in enumerate(eps):                                         # the windows hold the whole history
+        toks = b["hist"][e][b["mask"][e]].tolist()
+        assert enc.decode(toks) == tasks.render_history(ep)
+    # the long answer is the target, token for token
+    y = b["qy"][3, 0]
+    assert enc.decode(y[y >= 0].tolist()) == " X-17-alpha-omega-42-zeta\n"
+
+
+class Oracle(torch.nn.Module):
+    """A fake backbone that predicts, at every position, the next token of one fixed text."""
+
+    def __init__(self, enc, text, block_size=128):
+        super().__init__()
+        self.seq, self.V = enc.encode_ordinary(text), enc.n_vocab
+        self.config = GPTConfig(vocab_size=self.V, block_size=block_size)
+
+    def forward(self, idx):
+        B, T = idx.shape
+        assert T <= self.config.block_size
+        logits = torch.zeros(B, T, self.V)                               # (B, T, V)
+        for t in range(T):
+            logits[:, t, self.seq[min(t + 1, len(self.seq) - 1)]] = 1.0
+        return logits, None
+
+
+def test_an_answer_of_many_tokens_can_be_decoded_in_full(enc):
+    ep = EDGE[3]
+    q = ep.questions[0]
+    oracle = Oracle(enc, f"Q: {q.q}\nA: {q.a}\n")
+    assert len(enc.encode_ordinary(f" {q.a}\n")) > 6                     # more than the old fixed 6 new tokens
+    preds, hist = TM.run_condition(enc, [ep], lambda e, qq: [], gpt=oracle)
+    assert preds == [" " + q.a] and hist == 0
+    assert TM.score_condition(preds, [ep])["macro_em"] == 1.0
+
+
+def test_an_answer_longer_than_the_block_is_refused(enc):
+    ep = Episode([["x"]], [Question("?", "y" * 200, "single_hop")])
+    with pytest.raises(TB.UserError, match="use shorter answers"):
+        TM.run_condition(enc, [ep], lambda e, q: [], gpt=Oracle(enc, "Q: ?\nA:"))
+
+
+def test_eval_only_on_hand_written_episodes(data_dir, backbone, tmp_path):
+    gpt, _ = load_backbone(backbone)
+    mem = tmp_path / "memory.pt"
+    DeltaMemGPT(gpt, MemoryConfig(rank=4)).save_memory(str(mem))
+    eps = tmp_path / "edge.jsonl"
+    tasks.save_jsonl(eps, EDGE + [Episode([["a"]], [Question("Q " * 300, "a", "single_hop")])])  # question > block
+    TM.main(memory_args(data_dir, backbone, tmp_path, "--eval_only", f"--memory={mem}", f"--episodes={eps}"))
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["per_split"]) == {"file"}
+    for name, r in res["conditions"].items():
+        assert r["n_questions"] == 5 and 0 <= r["macro_em"] <= 1 and r["history_tokens_in_context"] >= 0, name
+    assert res["conditions"]["no_history"]["history_tokens_in_context"] == 0
+    # a file with a missing field is refused in one line that names the file and line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sessions": [["a"]], "questions": [{"q": "x?", "a": "y"}]}\n', encoding="utf-8")
+    msg = cli_error("train_memory.py", memory_args(data_dir, backbone, tmp_path, "--eval_only",
+                                                   f"--memory={mem}", f"--episodes={bad}"))
+    assert f"{bad}:1:" in msg and "'family'" in msg
