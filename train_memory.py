@@ -42,6 +42,7 @@ DEFAULTS = dict(
     # training
     max_iters=120, batch_size=16, learning_rate=1e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
+    general_reg=0.5, general_len=64,  # + general_reg x LM loss of corpus text read with the episode's state
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=20, val_episodes=64,
     # evaluation
@@ -114,7 +115,7 @@ def memory_config(cfg, **over):
     layers = None if cfg["layers"] == "all" else tuple(int(x) for x in str(cfg["layers"]).split(","))
     kw = dict(key_dim=cfg["key_dim"], rank=cfg["rank"], heads=cfg["heads"], write=cfg["write"],
               sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
-              gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"] or None)
+              gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"])
     kw.update(over)
     try:
         return MemoryConfig(**kw)
@@ -167,15 +168,35 @@ def beta_mean(model):
     return torch.stack(vals).mean() if vals else None
 
 
-def episode_loss(model, batch, cfg, device):
-    """Write pass over the histories, then the answer loss of the read pass (+ the β regulariser)."""
+def episode_loss(model, batch, cfg, device, general=None):
+    """Write pass over the histories, then the answer loss of the read pass (+ the β regulariser).
+
+    general: optional (x, y) rows of ordinary corpus text (B, 1, L): read with the same states, their LM
+    loss (x general_reg) teaches the memory to stay quiet on text that is not about its history.
+    """
     model.reset_memory()
     model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device))
     _, loss = model(batch["qx"].to(device), batch["qy"].to(device))
     b = beta_mean(model)
     if b is not None:
         loss = loss + cfg["beta_reg"] * (b - cfg["beta_target"]) ** 2
+    if general is not None and cfg["general_reg"] > 0:
+        loss = loss + cfg["general_reg"] * model(general[0].to(device), general[1].to(device))[1]
     return loss
+
+
+class CorpusRows:
+    """Rows of ordinary text from the corpus part of train.bin (never task documents)."""
+
+    def __init__(self, data_dir):
+        from data.prepare import load_meta, load_split
+        self.data = load_split(data_dir, "train")
+        self.n = load_meta(data_dir).get("train_corpus_tokens", len(self.data) - 1)
+
+    def batch(self, n_rows, length, rng):
+        ix = rng.integers(0, max(1, self.n - length - 1), n_rows)
+        rows = torch.stack([torch.from_numpy(self.data[i:i + length + 1].astype(np.int64)) for i in ix])
+        return rows[:, None, :-1], rows[:, None, 1:]                     # x, y: (B, 1, L) each
 
 
 def train_one(kind, name, gpt, enc, cfg, device):
@@ -208,6 +229,7 @@ def train_one(kind, name, gpt, enc, cfg, device):
     t, f = model.param_counts()
     print(f"[{name}] training {t:,} parameters ({100 * t / (t + f):.2f}% of {t + f:,}); backbone frozen")
     pad = enc.eot_token
+    corpus = CorpusRows(cfg["data_dir"]) if cfg["general_reg"] > 0 else None
     val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7), cfg, cfg["val_episodes"], split="train")
 
     def save(it):
@@ -227,7 +249,8 @@ def train_one(kind, name, gpt, enc, cfg, device):
             for g in opt.param_groups:
                 g["lr"] = train_backbone.lr_at(it, cfg)
             model.train()
-            loss = episode_loss(step, batch, cfg, device)
+            general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
+            loss = episode_loss(step, batch, cfg, device, general)
             if not torch.isfinite(loss):
                 raise UserError(f"[{name}] loss became {loss.item()} at iteration {it}; the last good checkpoint "
                                 f"is {path}. Try a lower --learning_rate (now {cfg['learning_rate']})")
@@ -484,8 +507,10 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None):
           "---|" * len(per_split) + "\n"
     for name in results:
         md += f"| {name} | " + " | ".join(f"{per_split[s][name]:.2f}" for s in per_split) + " |\n"
-    with open(os.path.join(cfg["out_dir"], "results.md"), "w") as f:
+    tmp = os.path.join(cfg["out_dir"], "results.md.tmp")
+    with open(tmp, "w") as f:                                            # atomic: tmp file, then rename
         f.write(md)
+    os.replace(tmp, os.path.join(cfg["out_dir"], "results.md"))
     print("\n" + md)
     return out
 
@@ -532,13 +557,13 @@ def check_config(cfg):
         raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
                         f"{', '.join(tasks.PRESETS)}")
     whole = lambda lo: (lambda v: v >= lo, f"a whole number >= {lo}")
-    check_ranges(cfg, dict(key_dim=whole(1), rank=whole(1), heads=whole(1), chunk_size=(
-        lambda v: v >= 0, "a whole number >= 1 (chunkwise scan), or 0 for the token-by-token loop"),
+    check_ranges(cfg, dict(key_dim=whole(1), rank=whole(1), heads=whole(1), chunk_size=whole(1),
         budget=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
         min_lr=(lambda v: 0 <= v <= cfg["learning_rate"], "a number in [0, --learning_rate]"),
         grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"), alpha=(lambda v: v > 0, "a number > 0, e.g. 16"),
         beta_target=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),
-        beta_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.01")))
+        beta_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.01"),
+        general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1)))
     check_device(cfg["device"])
     if cfg["layers"] != "all" and not all(x.strip().isdigit() for x in str(cfg["layers"]).split(",")):
         raise UserError(f"--layers={cfg['layers']} is not valid: use all or comma-separated layer indices, e.g. 0,2")

@@ -69,7 +69,7 @@ def test_results_follow_the_design_schema(tmp_path):
 def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path, fake_compile):
     from nanodeltamem import load_checkpoint
     cfg = dict(TM.DEFAULTS, out_dir=str(tmp_path), max_iters=2, batch_size=2, log_interval=2, val_episodes=2,
-               warmup_iters=1, compile=True)
+               warmup_iters=1, compile=True, general_reg=0)
     model = TM.train_one("deltamem", "deltamem", gpt, enc, cfg, "cpu")
     assert fake_compile["wrapped"] == [model] and fake_compile["calls"] == 2 * 2  # write + read pass per step
     wrapper_keys = fake_compile["real_keys"](model)
@@ -81,3 +81,26 @@ def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path,
     loaded, _ = DeltaMemGPT.load_memory(tmp_path / "memory_deltamem.pt", gpt)
     for (n, a), (_, b) in zip(model.memories.state_dict().items(), loaded.memories.state_dict().items()):
         assert torch.equal(a, b), n                                      # the trained weights came back
+
+
+def test_general_text_term_is_the_lm_loss_read_with_the_written_state(enc, gpt):
+    """episode_loss(general=...) = the plain episode loss + general_reg x LM loss of the general rows,
+    read with the states this batch wrote (so the memory learns to stay quiet on ordinary text)."""
+    cfg = dict(TM.DEFAULTS, general_reg=0.7)
+    torch.manual_seed(1)
+    dm = DeltaMemGPT(gpt, TM.memory_config(cfg))
+    for p in dm.memories.parameters():                                  # a memory that actually corrects
+        torch.nn.init.normal_(p, std=0.3)
+    eps = tasks.make_episodes(3, seed=5, preset="tiny")
+    batch = tasks.collate_episodes(enc, eps, 64, enc.eot_token)
+    gx = torch.randint(0, 256, (3, 1, 20))
+    gy = torch.randint(0, 256, (3, 1, 20))
+    plain = TM.episode_loss(dm, batch, cfg, "cpu")
+    states = dm.memory_state()
+    with_general = TM.episode_loss(dm, batch, cfg, "cpu", general=(gx, gy))
+    dm.set_memory_state(states)
+    lm = dm(gx, gy)[1]
+    assert abs(with_general.item() - (plain.item() + 0.7 * lm.item())) < 1e-5
+    dm.reset_memory()
+    assert abs(dm(gx, gy)[1].item() - gpt(gx[:, 0], gy[:, 0])[1].item()) < 1e-5  # fresh memory: backbone's
+    assert abs(lm.item() - gpt(gx[:, 0], gy[:, 0])[1].item()) > 1e-3    # the written state does change it
