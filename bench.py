@@ -197,23 +197,27 @@ def train_step_bench(repeats=3, device="cpu", **shape):
     cfg = train_memory.DEFAULTS
     hist, qx = batch["hist"].flatten(0, 1), batch["qx"].flatten(0, 1)  # (B·W, L), (B·Q, Lq)
     hist_y = torch.roll(hist, -1, dims=1)                                # next-token targets
+    B, V = batch["hist"].size(0), gpt.config.vocab_size
+    gx = torch.randint(0, V, (B, 1, cfg["general_len"]), device=device)  # the general-text rows
+    gy = torch.randint(0, V, (B, 1, cfg["general_len"]), device=device)  # (B, 1, general_len)
 
     def memory_step():                                                   # exactly what train_one runs
         mem.train()
-        train_memory.episode_loss(mem, batch, cfg, device).backward()
+        train_memory.episode_loss(mem, batch, cfg, device, general=(gx, gy)).backward()
         mem.zero_grad(set_to_none=True)
 
     def backbone_step():                                                 # the same windows, all weights
         gpt.train()
-        (gpt(hist, hist_y)[1] + gpt(qx, batch["qy"].flatten(0, 1))[1]).backward()
+        (gpt(hist, hist_y)[1] + gpt(qx, batch["qy"].flatten(0, 1))[1] + gpt(gx[:, 0], gy[:, 0])[1]).backward()
         gpt.zero_grad(set_to_none=True)
 
-    ntok = hist.numel() + qx.numel()
+    ntok = hist.numel() + qx.numel() + gx.numel()
     row = ratio_row("memory_step", memory_step, "backbone_step", backbone_step, repeats, device)
     row = dict(tokens=ntok, shape=dict(B=batch["hist"].size(0), W=batch["hist"].size(1), L=batch["hist"].size(2),
-                                       Q=qx.size(0) // batch["hist"].size(0), Lq=qx.size(1)),
+                                       Q=qx.size(0) // batch["hist"].size(0), Lq=qx.size(1), G=gx.size(-1)),
                overhead=row.pop("ratio"), **row)
-    print(f"2. training step, forward + backward, {ntok:,} tokens ({row['shape']}):\n"
+    print(f"2. training step, forward + backward, {ntok:,} tokens ({row['shape']}; G: general-text tokens "
+          f"per episode):\n"
           f"  memory (write + read pass, frozen backbone) {row['memory_step_ms']:7.1f} ms {mib(row['memory_step_peak_mib'])} | "
           f"backbone (all weights trainable) {row['backbone_step_ms']:7.1f} ms {mib(row['backbone_step_peak_mib'])} | "
           f"{row['overhead']:.2f}x", flush=True)

@@ -47,7 +47,8 @@ def test_quick_run_writes_the_required_keys_and_consistent_ratios(tmp_path):
     assert out["scan_speedup_T1024"] == pytest.approx(row["recurrent_ms"] / row["chunkwise_ms"])
     t = out["train_step"]
     assert out["train_step_overhead"] == pytest.approx(t["memory_step_ms"] / t["backbone_step_ms"])
-    assert t["tokens"] == t["shape"]["B"] * (t["shape"]["W"] * t["shape"]["L"] + t["shape"]["Q"] * t["shape"]["Lq"])
+    sh = t["shape"]
+    assert t["tokens"] == sh["B"] * (sh["W"] * sh["L"] + sh["Q"] * sh["Lq"] + sh["G"])  # + general-text rows
     last = out["answer"][-1]
     assert last["T"] == max(r["T"] for r in out["answer"]) == out["answer_max_T"]
     assert out["answer_time_ratio_at_max_T"] == pytest.approx(last["full_context_ms"] / last["deltamem_ms"])
