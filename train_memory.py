@@ -246,6 +246,10 @@ def train_one(kind, name, gpt, enc, cfg, device):
             rng = np.random.default_rng([cfg["seed"], it])                # batch depends only on it
             eps = sample_episodes(rng, cfg, cfg["batch_size"])
             batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, cfg["read_window"])
+            if batch["qx"].size(-1) > gpt.config.block_size:
+                raise UserError(f"[{name}] a question of {batch['qx'].size(-1)} tokens (with --read_window="
+                                f"{cfg['read_window']}) does not fit the backbone's block_size="
+                                f"{gpt.config.block_size}: use a smaller --read_window or a larger backbone")
             for g in opt.param_groups:
                 g["lr"] = train_backbone.lr_at(it, cfg)
             model.train()

@@ -236,6 +236,11 @@ def test_memory_flags_that_depend_on_the_backbone(data_dir, backbone, tmp_path, 
     assert not os.path.exists(tmp_path / "memory_deltamem.pt")          # refused before training
 
 
+def test_questions_longer_than_the_window_are_refused_in_one_line(data_dir, backbone, tmp_path):
+    msg = one_line_error("train_memory.py", memory_args(data_dir, backbone, tmp_path, "--read_window=200"))
+    assert "does not fit the backbone's block_size=128" in msg and "--read_window" in msg
+
+
 @pytest.mark.parametrize("flag,valid", [
     ("--dropout=1.5", "[0, 1)"), ("--warmup_iters=-1", ">= 0"), ("--beta2=1", "[0, 1)"), ("--grad_clip=0", "> 0"),
     ("--min_lr=0.5", "[0, --learning_rate]"), ("--device=tpu", "auto, cpu, cuda"), ("--n_head=0", "must be > 0"),
