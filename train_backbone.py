@@ -229,6 +229,55 @@ def context_exact_match(model, enc, episodes, with_history, device="cpu", max_ne
     return score(preds, gold, fams)
 
 
+def probe_accuracy(features, labels, train_share=2 / 3, ridge=1.0):
+    """Held-out accuracy of a linear (ridge-regression) classifier: features (N, d), labels (N,) ints.
+    The first train_share of the rows fit it, the rest test it."""
+    X = np.c_[features, np.ones(len(features))]                          # (N, d + 1) with a bias column
+    Y = np.eye(labels.max() + 1)[labels]                                 # (N, classes) one-hot targets
+    n = int(len(X) * train_share)
+    W = np.linalg.solve(X[:n].T @ X[:n] + ridge * np.eye(X.shape[1]), X[:n].T @ Y[:n])  # (d + 1, classes)
+    return float((np.argmax(X[n:] @ W, 1) == labels[n:]).mean())
+
+
+@torch.no_grad()
+def subject_probe(model, enc, n_names=40, reps=6, seed=0, device="cpu"):
+    """Where does the backbone keep a fact's subject? Per layer, the accuracy of a linear probe that
+    reads a name off the layer's attention input (what the memory reads too):
+      "answer": at the last token of "Q: <name>?\nA:", where it must know whom it is asked about;
+      "value":  at the value token of a history line "<name>: <value>.", where a lookup by attention,
+                or a token-level memory write, needs the subject next to the value.
+    Chance is 1/n_names. A backbone that reads facts from its context needs both high."""
+    from data import tasks
+    one = lambda w: len(enc.encode_ordinary(w)) == 1 and len(enc.encode_ordinary(" " + w)) == 1
+    pools = tasks.pools_for("pretrain")
+    names = [w for w in pools["names"] if one(w)][:n_names]
+    values = [w for vs in pools["values"].values() for w in vs if one(w)]
+    rng = np.random.default_rng(seed)
+    feats = {"answer": [], "value": []}
+    hidden = []
+    hooks = [b.ln_1.register_forward_hook(lambda m, i, o: hidden.append(o[0])) for b in model.blocks]
+    model.eval()
+    try:
+        for _ in range(reps):
+            for name in names:
+                other, v = rng.choice(names), rng.choice(values)
+                prefix = enc.encode_ordinary(f"{other}: {rng.choice(values)}.\nNo further notes.\n")
+                for kind, ids, pos in (
+                        ("answer", prefix + enc.encode_ordinary(f"Q: {name}?\nA:"), -1),
+                        ("value", prefix + enc.encode_ordinary(f"{name}:") + enc.encode_ordinary(f" {v}")
+                         + enc.encode_ordinary(".\n"), None)):
+                    pos = pos if pos is not None else len(ids) - len(enc.encode_ordinary(".\n")) - 1
+                    hidden.clear()
+                    model(torch.tensor([ids], device=device))
+                    feats[kind].append([h[pos].float().cpu().numpy() for h in hidden])  # per layer (C,)
+    finally:
+        for h in hooks:
+            h.remove()
+    labels = np.tile(np.arange(len(names)), reps)
+    return {kind: [probe_accuracy(np.stack([f[l] for f in fs]), labels) for l in range(len(model.blocks))]
+            for kind, fs in feats.items()}
+
+
 def score(preds, gold, fams):
     per = {}
     for p, g, f in zip(preds, gold, fams):
@@ -448,6 +497,10 @@ def report(model, enc, cfg, device):
         fams = " ".join(f"{f} {v:.2f}" for f, v in res.items() if f != "macro")
         print(f"exact match on {len(episodes)} unseen small episodes, history "
               f"{'in context  ' if with_history else 'not in context'}: macro {res['macro']:.2f} ({fams})")
+    probe = subject_probe(model, enc, device=device)
+    fmt = lambda accs: " ".join(f"{a:.2f}" for a in accs)
+    print(f"where is a fact's subject (linear probe, layers 0..{len(probe['answer']) - 1}, chance 0.025): "
+          f"at the answer position {fmt(probe['answer'])} | at the fact's value token {fmt(probe['value'])}")
 
 
 def main(argv=None):

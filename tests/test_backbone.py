@@ -151,3 +151,13 @@ def test_bad_input_is_one_line_error(args, msg):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
+
+
+def test_probe_accuracy_reads_labels_that_are_there_and_not_those_that_are_not():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    labels = np.tile(np.arange(10), 30)                                  # (300,)
+    present = np.eye(10)[labels] @ rng.normal(size=(10, 32)) + 0.1 * rng.normal(size=(300, 32))
+    absent = rng.normal(size=(300, 32))                                  # independent of the labels
+    assert TB.probe_accuracy(present, labels) == 1.0
+    assert TB.probe_accuracy(absent, labels) < 0.25                      # chance is 0.1
