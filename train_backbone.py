@@ -245,13 +245,17 @@ def subject_probe(model, enc, n_names=40, reps=6, seed=0, device="cpu"):
     reads a name off the layer's attention input (what the memory reads too):
       "answer": at the last token of "Q: <name>?\nA:", where it must know whom it is asked about;
       "value":  at the value token of a history line "<name>: <value>.", where a lookup by attention,
-                or a token-level memory write, needs the subject next to the value.
-    Chance is 1/n_names. A backbone that reads facts from its context needs both high."""
+                or a token-level memory write, needs the subject next to the value;
+      "chance": 1 / the number of names.
+    Chance is 1/n_names. A backbone that reads facts from its context needs both high. None when the
+    tokenizer has fewer than 2 single-token names or no single-token value (tiny test vocabularies)."""
     from data import tasks
     one = lambda w: len(enc.encode_ordinary(w)) == 1 and len(enc.encode_ordinary(" " + w)) == 1
     pools = tasks.pools_for("pretrain")
     names = [w for w in pools["names"] if one(w)][:n_names]
     values = [w for vs in pools["values"].values() for w in vs if one(w)]
+    if len(names) < 2 or not values:
+        return None                                                      # a tokenizer that splits every name
     rng = np.random.default_rng(seed)
     feats = {"answer": [], "value": []}
     hidden = []
@@ -274,8 +278,9 @@ def subject_probe(model, enc, n_names=40, reps=6, seed=0, device="cpu"):
         for h in hooks:
             h.remove()
     labels = np.tile(np.arange(len(names)), reps)
-    return {kind: [probe_accuracy(np.stack([f[l] for f in fs]), labels) for l in range(len(model.blocks))]
-            for kind, fs in feats.items()}
+    out = {kind: [probe_accuracy(np.stack([f[l] for f in fs]), labels) for l in range(len(model.blocks))]
+           for kind, fs in feats.items()}
+    return dict(out, chance=1 / len(names))
 
 
 def score(preds, gold, fams):
@@ -499,8 +504,10 @@ def report(model, enc, cfg, device):
               f"{'in context  ' if with_history else 'not in context'}: macro {res['macro']:.2f} ({fams})")
     probe = subject_probe(model, enc, device=device)
     fmt = lambda accs: " ".join(f"{a:.2f}" for a in accs)
-    print(f"where is a fact's subject (linear probe, layers 0..{len(probe['answer']) - 1}, chance 0.025): "
-          f"at the answer position {fmt(probe['answer'])} | at the fact's value token {fmt(probe['value'])}")
+    if probe is not None:
+        print(f"where is a fact's subject (linear probe, layers 0..{len(probe['answer']) - 1}, chance "
+              f"{probe['chance']:.3f}): "
+              f"at the answer position {fmt(probe['answer'])} | at the fact's value token {fmt(probe['value'])}")
 
 
 def main(argv=None):
