@@ -4,6 +4,7 @@ Freeze the backbone, attach δ-mem, train only the memory, and judge it against 
     python train_memory.py                        # the main job: data, backbone, memories, results
     python train_memory.py --write=segment --heads=4 --out_dir=out-msw
     python train_memory.py --eval_only --memory=out/memory_deltamem.pt --episodes=my.jsonl
+    python train_memory.py --demo=my_sessions.txt   # your own chat; questions after a line ---, or typed
 
 An episode is a history (dated chat sessions) plus questions. Training, per batch of episodes:
   1. write pass: stream every history window through the frozen GPT with writes on; the state runs
@@ -50,6 +51,7 @@ DEFAULTS = dict(
     eval_episodes=24,             # held-out episodes per split (iid and every held-out axis)
     budget=64,                    # the non-zero read budget (history tokens in context)
     eval_only=False, memory="", episodes="",
+    demo="",                      # a sessions text file (or - for stdin): answers with and without memory
 )
 PRESETS = {
     "cpu": dict(),
@@ -592,6 +594,7 @@ def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
     check_config(cfg)
     writable_dir(cfg["out_dir"])
+    demo_in = demo_inputs(cfg) if cfg["demo"] else None                 # bad demo input fails before any loading
     from data.prepare import load_tokenizer
     train_backbone.ensure_data(cfg["data_dir"])
     enc = load_tokenizer(cfg["data_dir"])
@@ -604,6 +607,8 @@ def main(argv=None):
     gpt.to(device)
     if cfg["eval_only"]:
         return eval_only(cfg, enc, gpt, device)
+    if demo_in is not None:
+        return demo(enc, gpt, device, *demo_in)
     check_fits(cfg, gpt)
     memories = {}
     dm_name = condition_name(cfg)
@@ -633,6 +638,115 @@ def eval_only(cfg, enc, gpt, device):
     name = condition_name(dict(cfg, **{k: v for k, v in asdict(model.mcfg).items() if k in cfg}))
     results, per_split = evaluate(cfg, enc, gpt, {name: model}, device, {"file": episodes})
     write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# demo: your own sessions, the same questions answered with and without the memory
+# ----------------------------------------------------------------------------------------------
+
+DEMO_CONDITIONS = ["no memory (question only)", "δ-mem (question only)", "full context (history in the window)"]
+
+
+def parse_sessions(text, name):
+    """Plain text -> (Episode, questions): one chat line per line; a blank line or a line starting
+    with "Session" starts a new session; lines after a line "---" are questions, one per line."""
+    from data import tasks
+    sessions, questions, current, asking = [], [], [], False
+    for line in text.splitlines():
+        line = line.rstrip()
+        if asking:
+            if line.strip():
+                questions.append(line.strip().removeprefix("Q:").strip())
+            continue
+        if line.strip() == "---" or not line.strip() or line.startswith("Session"):
+            if current:                                                  # close the session in progress
+                sessions.append(current)
+            current, asking = [], line.strip() == "---"
+            if line.startswith("Session"):                               # the header stays its session's first line
+                current = [line]
+        else:
+            current.append(line)
+    if current:
+        sessions.append(current)
+    if not sessions:
+        raise UserError(f"{name} has no chat lines: write one line per chat line, a blank line between sessions")
+    return tasks.Episode(sessions=sessions, questions=[]), (questions if asking else None)
+
+
+def demo_inputs(cfg):
+    """The sessions (and questions, if given after ---) and the memory checkpoint, checked up front."""
+    name = "stdin" if cfg["demo"] == "-" else cfg["demo"]
+    try:
+        text = sys.stdin.read() if cfg["demo"] == "-" else open(cfg["demo"], encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--demo={cfg['demo']}: cannot read it ({e.__class__.__name__}): pass a UTF-8 text file")
+    ep, questions = parse_sessions(text, name)
+    if cfg["demo"] == "-" and not questions:                             # stdin is spent: nothing left to ask from
+        raise UserError("--demo=-: put the questions after a line --- in the text you pipe in")
+    path = cfg["memory"] or os.path.join(cfg["out_dir"], f"memory_{condition_name(cfg)}.pt")
+    if not os.path.exists(path):
+        raise UserError(f"memory checkpoint {path} not found: train one with `python train_memory.py` "
+                        f"(or pass --memory=CKPT)")
+    return ep, questions, path
+
+
+def demo_states(model, enc, ep, device):
+    """The memory's states after writing ep's sessions (collate_episodes wants a question: a blank one)."""
+    from data import tasks
+    return write_states(model, enc, [tasks.Episode(ep.sessions, [tasks.Question("", "", "demo")])], device)
+
+
+@torch.no_grad()
+def demo_answers(enc, gpt, model, states, ep, questions, device, new_tokens=16):
+    """For each question: (no memory, δ-mem, full context) greedy answers, the memory holding `states`."""
+    from data import tasks
+    block = gpt.config.block_size - new_tokens
+    asks = [tasks.question_prompt(enc, tasks.Question(q, "", "demo")) for q in questions]
+    for q, a in zip(questions, asks):
+        if len(a) > block:
+            raise UserError(f"question {q[:40]!r} is {len(a)} tokens, the backbone reads at most {block}: shorten it")
+    hist = enc.encode_ordinary(tasks.render_history(ep))
+    bare = lambda idx, rows: gpt(idx.to(device))[0].float().cpu()
+
+    def with_memory(idx, rows):                                          # every row reads the one written state
+        model.set_memory_state([s[[0] * len(rows)] for s in states])
+        return model(idx.to(device))[0].float().cpu()
+    none = greedy_answers(bare, asks, enc, new_tokens)
+    mem = greedy_answers(with_memory, asks, enc, new_tokens)
+    full = greedy_answers(bare, [(hist + a)[-block:] for a in asks], enc, new_tokens)  # oldest history cut first
+    return list(zip(none, mem, full))
+
+
+def demo(enc, gpt, device, ep, questions, path):
+    """Write the sessions into the memory once, then answer each question three ways, side by side."""
+    from data import tasks
+    try:
+        model, _ = DeltaMemGPT.load_memory(path, gpt)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e))
+    model.to(device)
+    states = demo_states(model, enc, ep, device)                         # the history, written once
+    n_hist = len(enc.encode_ordinary(tasks.render_history(ep)))
+    print(f"memory {path}: wrote {len(ep.sessions)} sessions ({n_hist} history tokens) into its state; "
+          f"full context reads history + question cut to the last {gpt.config.block_size - 16} tokens")
+    width = max(len(c) for c in DEMO_CONDITIONS)
+
+    def show(q):
+        for cond, ans in zip(DEMO_CONDITIONS, demo_answers(enc, gpt, model, states, ep, [q], device)[0]):
+            print(f"  {cond:<{width}} | {ans.split(chr(10))[0].strip()}")    # a merged token can hold the newline
+    if questions is not None:
+        for q in questions:
+            print(f"Q: {q}")
+            show(q)
+        return
+    while True:                                                          # interactive: empty line or EOF ends
+        try:
+            q = input("question> ").strip().removeprefix("Q:").strip()
+        except EOFError:
+            break
+        if not q:
+            break
+        show(q)
 
 
 def plot_results(results, path):

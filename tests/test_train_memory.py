@@ -104,3 +104,72 @@ def test_general_text_term_is_the_lm_loss_read_with_the_written_state(enc, gpt):
     dm.reset_memory()
     assert abs(dm(gx, gy)[1].item() - gpt(gx[:, 0], gy[:, 0])[1].item()) < 1e-5  # fresh memory: backbone's
     assert abs(lm.item() - gpt(gx[:, 0], gy[:, 0])[1].item()) > 1e-3    # the written state does change it
+
+
+DEMO_TEXT = """Session 1 (Day 3)
+Alice: I moved to Paris.
+Bob: nice.
+
+Carol: my cat is Tom.
+Session 2 (Day 9)
+Alice: now I live in Rome.
+---
+Q: where does Alice live?
+
+what is Carol's cat called?
+"""
+
+
+def test_demo_sessions_parser_splits_sessions_and_questions():
+    ep, qs = TM.parse_sessions(DEMO_TEXT, "x.txt")
+    assert ep.sessions == [["Session 1 (Day 3)", "Alice: I moved to Paris.", "Bob: nice."],
+                           ["Carol: my cat is Tom."],
+                           ["Session 2 (Day 9)", "Alice: now I live in Rome."]]
+    assert ep.questions == []
+    assert qs == ["where does Alice live?", "what is Carol's cat called?"]
+    ep2, qs2 = TM.parse_sessions("a\n\n\nb\n", "y.txt")                  # no --- : questions come from stdin
+    assert ep2.sessions == [["a"], ["b"]] and qs2 is None
+
+
+def test_demo_answers_match_the_evaluation_path(enc, gpt):
+    """The demo's three answers are the ones run_condition gives (the evaluation path); a memory with
+    zero corrections answers as the bare backbone, one with large B_o does not."""
+    ep, qs = TM.parse_sessions(DEMO_TEXT, "x.txt")
+    questions = qs + ["who moved?", "which day?", "Bob said?", "Tom is?"]
+    ev = tasks.Episode(ep.sessions, [tasks.Question(q, "", "demo") for q in questions])
+    torch.manual_seed(3)
+    zero = DeltaMemGPT(gpt, TM.memory_config(dict(TM.DEFAULTS, init="zero")))
+    loud = DeltaMemGPT(gpt, TM.memory_config(TM.DEFAULTS))
+    for mem in loud.memories.values():
+        torch.nn.init.normal_(mem.B_o.weight, std=2.0)
+    answers = {}
+    for name, model in (("zero", zero), ("loud", loud)):
+        states = TM.demo_states(model, enc, ep, "cpu")
+        answers[name] = TM.demo_answers(enc, gpt, model, states, ep, questions, "cpu", new_tokens=6)
+    full = lambda e, q: enc.encode_ordinary(tasks.render_history(e))
+    none = lambda e, q: []
+    assert [a[0] for a in answers["loud"]] == TM.run_condition(enc, [ev], none, gpt=gpt)[0]
+    assert [a[1] for a in answers["loud"]] == TM.run_condition(enc, [ev], none, model=loud)[0]
+    assert [a[2] for a in answers["loud"]] == TM.run_condition(enc, [ev], full, gpt=gpt)[0]
+    assert [a[1] for a in answers["zero"]] == [a[0] for a in answers["zero"]]    # B = 0: no correction
+    assert [a[1] for a in answers["loud"]] != [a[0] for a in answers["loud"]]    # the written state is read
+
+
+def test_demo_bad_inputs_are_one_line_errors(enc, gpt, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n---\nwhat?\n")
+    cfg = dict(TM.DEFAULTS, out_dir=str(tmp_path))
+    for demo, words in ((str(empty), "empty.txt has no chat lines"), (str(tmp_path / "nope.txt"), "nope.txt")):
+        with pytest.raises(TM.UserError, match=words) as e:
+            TM.demo_inputs(dict(cfg, demo=demo))
+        assert "\n" not in str(e.value)
+    ok = tmp_path / "ok.txt"
+    ok.write_text(DEMO_TEXT)
+    with pytest.raises(TM.UserError, match=r"memory_deltamem.pt not found: train one with `python train_memory.py`"):
+        TM.demo_inputs(dict(cfg, demo=str(ok)))
+    other = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    DeltaMemGPT(other, TM.memory_config(TM.DEFAULTS)).save_memory(str(tmp_path / "memory_deltamem.pt"))
+    ep, qs, path = TM.demo_inputs(dict(cfg, demo=str(ok)))
+    with pytest.raises(TM.UserError, match="was trained on backbone") as e:   # a memory for another backbone
+        TM.demo(enc, gpt, "cpu", ep, qs, path)
+    assert "\n" not in str(e.value)
