@@ -205,7 +205,7 @@ def greedy_answers(logits_fn, prompts, enc, max_new_tokens=6, batch_size=64):
             new = torch.cat(new, 1).tolist()
             for i, toks in zip(rows, new):
                 toks = toks[:toks.index(newline)] if newline in toks else toks
-                out[i] = enc.decode(toks)
+                out[i] = enc.decode(toks).split("\n")[0]                   # also a newline inside a token
     return out
 
 

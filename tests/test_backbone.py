@@ -161,3 +161,24 @@ def test_probe_accuracy_reads_labels_that_are_there_and_not_those_that_are_not()
     absent = rng.normal(size=(300, 32))                                  # independent of the labels
     assert TB.probe_accuracy(present, labels) == 1.0
     assert TB.probe_accuracy(absent, labels) < 0.25                      # chance is 0.1
+
+
+def test_greedy_answers_stop_at_a_newline_inside_a_token():
+    """A token such as "b\\nzz" ends the answer at its newline, as the plain newline token does."""
+    vocab = {0: "a", 1: "b\nzz", 2: "\n", 3: "c"}
+
+    class Enc:
+        def encode_ordinary(self, text):
+            return [2] if text == "\n" else []
+
+        def decode(self, toks):
+            return "".join(vocab[t] for t in toks)
+
+    script = [0, 1, 3, 2]                                                # a, b\nzz, c, \n
+
+    def logits_fn(idx, rows):                                           # emits the script, one per step
+        out = torch.full((idx.size(0), idx.size(1), 4), -1e9)
+        out[:, -1, script[idx.size(1) - 1]] = 0.0
+        return out
+
+    assert TB.greedy_answers(logits_fn, [[3]], Enc(), max_new_tokens=6) == ["ab"]
