@@ -30,7 +30,7 @@ import torch
 
 import train_memory as TM
 from nanodeltamem import DeltaMemGPT, autodetect_device, delta_rule_scan, load_checkpoint
-from train_backbone import UserError, fmt_time, normalize_answer, parse_config, writable_dir
+from train_backbone import UserError, fmt_time, normalize_answer, parse_config, run_cli, writable_dir
 
 DEFAULTS = dict(
     TM.DEFAULTS,
@@ -509,9 +509,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from data.prepare import DataError
-    try:
-        main()
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -11,6 +11,16 @@ def enc():
                              mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 256})
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny prepared data dir (300-token BPE, 40 task documents) for end-to-end runs."""
+    from data import prepare
+    d = tmp_path_factory.mktemp("data")
+    corpus = d / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(800)))
+    return prepare.prepare(corpus=str(corpus), vocab_size=300, task_share=0.3, task_docs=40, out=str(d / "prep"))
+
+
 @pytest.fixture
 def fake_compile(monkeypatch):
     """torch.compile replaced by a stand-in with the same wrapper (the model under `_orig_mod`, so

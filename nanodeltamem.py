@@ -256,8 +256,8 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
     v = v.reshape(B, H, n, C, R, m).transpose(-3, -2)                    # (B, H, n, R, C, m)
     b = beta.reshape(B, H, n, C, R).transpose(-1, -2)[..., None]         # (B, H, n, R, C, 1)
 
-    g = torch.log1p(-b.clamp(max=1 - 1e-6)) if decay else torch.zeros_like(b)  # log a_t; β = 1 (a saturated
-                                                                     # sigmoid) would give log 0 and a NaN gradient
+    # log a_t; β is kept below 1: a saturated sigmoid (β = 1) would give log 0 and a NaN gradient
+    g = torch.log1p(-b.clamp(max=1 - 1e-6)) if decay else torch.zeros_like(b)  # (B, H, n, R, C, 1)
     G = g.cumsum(-2)                                                     # (B, H, n, R, C, 1) G_t
     G_prev = G - g                                                       # G_{t-1}
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)

@@ -510,14 +510,24 @@ def report(model, enc, cfg, device):
               f"at the answer position {fmt(probe['answer'])} | at the fact's value token {fmt(probe['value'])}")
 
 
-def main(argv=None):
+def run_cli(fn, on_interrupt=None):
+    """Run a script's main: a mistake the user can fix is one line on stderr and exit code 2; with
+    on_interrupt, a Ctrl-C outside a training loop prints that line and exits 130."""
     from data.prepare import DataError
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
-        train(cfg)
+        return fn()
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if on_interrupt is None:
+            raise
+        print(on_interrupt, file=sys.stderr)
+        sys.exit(130)
+
+
+def main(argv=None):
+    run_cli(lambda: train(parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)))
 
 
 if __name__ == "__main__":

@@ -773,13 +773,5 @@ def plot_results(results, path):
 
 
 if __name__ == "__main__":
-    from data.prepare import DataError
-    try:
-        main()
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:                                            # outside a training loop (evaluation)
-        print("\ninterrupted; trained memories are kept in --out_dir: re-run the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
+    train_backbone.run_cli(main, on_interrupt="\ninterrupted; trained memories are kept in --out_dir: "
+                                             "re-run the same command to resume")  # e.g. during evaluation

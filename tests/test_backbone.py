@@ -79,14 +79,6 @@ def test_generate_greedy_matches_argmax_loop():
     assert torch.equal(out, idx)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data import prepare
-    d = tmp_path_factory.mktemp("data")
-    corpus = d / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(800)))
-    return prepare.prepare(corpus=str(corpus), vocab_size=300, task_share=0.3, task_docs=40, out=str(d / "prep"))
-
 
 def tiny_args(data_dir, out_dir, *extra):
     return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=16",

@@ -29,14 +29,6 @@ def one_thread():                                   # module scope: set before t
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data import prepare
-    d = tmp_path_factory.mktemp("data")
-    corpus = d / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(800)))
-    return prepare.prepare(corpus=str(corpus), vocab_size=300, task_share=0.3, task_docs=40, out=str(d / "prep"))
-
 
 @pytest.fixture(scope="module")
 def backbone(data_dir, tmp_path_factory):
