@@ -36,16 +36,17 @@ DEFAULTS = dict(
     # model
     n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0,
     # optimisation
-    batch_size=16, max_iters=700, learning_rate=2e-3, min_lr=2e-4, warmup_iters=100,
+    batch_size=16, max_iters=1200, learning_rate=6e-3, min_lr=1e-3, warmup_iters=100,
     weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
     # logging / evaluation
     eval_interval=250, eval_iters=8, log_interval=25, eval_episodes=200,
 )
 PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=700,
-                learning_rate=2e-3, min_lr=2e-4, warmup_iters=100),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1200,
+                learning_rate=6e-3, min_lr=1e-3, warmup_iters=100),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=64, max_iters=3000,
-                learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20),
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20,
+                out_dir="out-gpu"),                              # where train_memory.py --preset=gpu looks
 }
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 
@@ -244,7 +245,7 @@ def subject_probe(model, enc, n_names=40, reps=6, seed=0, device="cpu"):
     """Where does the backbone keep a fact's subject? Per layer, the accuracy of a linear probe that
     reads a name off the layer's attention input (what the memory reads too):
       "answer": at the last token of "Q: <name>?\nA:", where it must know whom it is asked about;
-      "value":  at the value token of a history line "<name>: <value>.", where a lookup by attention,
+      "value":  at the value token of a history line "- <name>: <value>.", where a lookup by attention,
                 or a token-level memory write, needs the subject next to the value;
       "chance": 1 / the number of names.
     Chance is 1/n_names. A backbone that reads facts from its context needs both high. None when the
@@ -265,10 +266,10 @@ def subject_probe(model, enc, n_names=40, reps=6, seed=0, device="cpu"):
         for _ in range(reps):
             for name in names:
                 other, v = rng.choice(names), rng.choice(values)
-                prefix = enc.encode_ordinary(f"{other}: {rng.choice(values)}.\nNo further notes.\n")
+                prefix = enc.encode_ordinary(f"- {other}: {rng.choice(values)}.\nNo further notes.\n")
                 for kind, ids, pos in (
                         ("answer", prefix + enc.encode_ordinary(f"Q: {name}?\nA:"), -1),
-                        ("value", prefix + enc.encode_ordinary(f"{name}:") + enc.encode_ordinary(f" {v}")
+                        ("value", prefix + enc.encode_ordinary(f"- {name}:") + enc.encode_ordinary(f" {v}")
                          + enc.encode_ordinary(".\n"), None)):
                     pos = pos if pos is not None else len(ids) - len(enc.encode_ordinary(".\n")) - 1
                     hidden.clear()

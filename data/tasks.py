@@ -5,8 +5,9 @@ Two tasks, both seeded and both answered by replaying a hidden world state:
 - msqa   (multi-session QA): dated two-speaker chat sessions that mention facts about third-party people
           (city, job, pet, ...), later updates of those facts, relations between people, chit-chat and
           lexical distractors; then one-line questions (single_hop, multi_hop, update, temporal, abstention).
-- recall (associative recall, MQAR over text): lines "Alice: tiger." then questions "Alice?" -> "tiger"
-          (variants recall, forgetting = latest value wins, two_hop = "Alice??" through "Alice: Dave.").
+- recall (associative recall, MQAR over text): lines "- Alice: tiger." then questions "Alice?" -> "tiger"
+          (variants recall, forgetting = latest value wins, two_hop = "Alice??" through "- Alice: Dave.").
+          The "- " puts a space before the key, so it is the same BPE token (" Alice") as in the question.
 
 An Episode holds only text: the sessions (lists of lines) and the questions with their short answers.
 `parse_gold` re-derives every answer from that text alone (the generator's self-check), and episodes
@@ -511,7 +512,7 @@ def make_recall(rng: np.random.Generator, preset: str = "small", split: str = "t
 
     # lines: pairs_per_line pairs each; pair lines land at power-law distances from the end among fillers
     ppl = cfg["pairs_per_line"]
-    pair_lines = [" ".join(f"{k}: {v}." for k, v in events[i:i + ppl]) for i in range(0, len(events), ppl)]
+    pair_lines = ["- " + " ".join(f"{k}: {v}." for k, v in events[i:i + ppl]) for i in range(0, len(events), ppl)]
     n_lines = len(pair_lines) + int(round(cfg["filler_ratio"] * len(pair_lines)))
     gap = n_lines - np.arange(n_lines)  # lines from each position to the end of the history
     weight = gap.astype(float) ** -cfg["gap_alpha"]
