@@ -13,7 +13,7 @@ What the memory costs, measured side by side and reported as ratios (one run, on
     python bench.py --quick             # a seconds-long smoke run (tiny sizes, numbers not meaningful)
     python bench.py --T=1024 --repeats=5 --out=bench.json
 
-Models are the cpu-preset sizes (4 layers, 4 heads, width 128, block 256, vocabulary 4096) with random
+Models are the cpu-preset sizes (4 layers, 4 heads, width 128, block 256, vocabulary 1024) with random
 weights: speed does not depend on what the weights learned. Every time is the best of --repeats runs
 after one warm-up run. Prints a table per part and writes bench.json (with the machine it ran on).
 """
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, IGNORE_INDEX, delta_rule_scan
 
-BACKBONE = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=4096)  # the cpu preset
+BACKBONE = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=1024)  # the cpu preset (1k BPE)
 
 
 def machine():
@@ -173,7 +173,7 @@ def models(device, seed=0):
     return gpt, mem
 
 
-def train_batch(B=16, W=3, L=128, Q=6, Lq=20, line=16, answer=3, vocab=4096, seed=0):
+def train_batch(B=16, W=3, L=128, Q=6, Lq=20, line=16, answer=3, vocab=1024, seed=0):
     """A memory-training batch with the default batch's shapes (16 episodes x 3 windows x ~130 tokens,
     6 questions x ~20 tokens; data/tasks.collate_episodes' format), random tokens, lines of `line`
     tokens, the last `answer` tokens of every question as targets."""
