@@ -248,7 +248,7 @@ def subject_probe(model, enc, n_names=40, reps=6, seed=0, device="cpu"):
       "value":  at the value token of a history line "- <name>: <value>.", where a lookup by attention,
                 or a token-level memory write, needs the subject next to the value;
       "chance": 1 / the number of names.
-    Chance is 1/n_names. A backbone that reads facts from its context needs both high. None when the
+    A backbone that reads facts from its context needs both high. None when the
     tokenizer has fewer than 2 single-token names or no single-token value (tiny test vocabularies)."""
     from data import tasks
     one = lambda w: len(enc.encode_ordinary(w)) == 1 and len(enc.encode_ordinary(" " + w)) == 1

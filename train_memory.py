@@ -645,6 +645,7 @@ def eval_only(cfg, enc, gpt, device):
 # ----------------------------------------------------------------------------------------------
 
 DEMO_CONDITIONS = ["no memory (question only)", "δ-mem (question only)", "full context (history in the window)"]
+DEMO_NEW_TOKENS = 16                                                     # longest answer the demo decodes
 
 
 def parse_sessions(text, name):
@@ -697,7 +698,7 @@ def demo_states(model, enc, ep, device):
 
 
 @torch.no_grad()
-def demo_answers(enc, gpt, model, states, ep, questions, device, new_tokens=16):
+def demo_answers(enc, gpt, model, states, ep, questions, device, new_tokens=DEMO_NEW_TOKENS):
     """For each question: (no memory, δ-mem, full context) greedy answers, the memory holding `states`."""
     from data import tasks
     block = gpt.config.block_size - new_tokens
@@ -728,12 +729,12 @@ def demo(enc, gpt, device, ep, questions, path):
     states = demo_states(model, enc, ep, device)                         # the history, written once
     n_hist = len(enc.encode_ordinary(tasks.render_history(ep)))
     print(f"memory {path}: wrote {len(ep.sessions)} sessions ({n_hist} history tokens) into its state; "
-          f"full context reads history + question cut to the last {gpt.config.block_size - 16} tokens")
+          f"full context reads history + question cut to the last {gpt.config.block_size - DEMO_NEW_TOKENS} tokens")
     width = max(len(c) for c in DEMO_CONDITIONS)
 
     def show(q):
         for cond, ans in zip(DEMO_CONDITIONS, demo_answers(enc, gpt, model, states, ep, [q], device)[0]):
-            print(f"  {cond:<{width}} | {ans.split(chr(10))[0].strip()}")    # a merged token can hold the newline
+            print(f"  {cond:<{width}} | {ans.strip()}")                     # greedy_answers cut it at the newline
     if questions is not None:
         for q in questions:
             print(f"Q: {q}")
