@@ -278,35 +278,43 @@ def knee(ns, accs, frac=0.5):
 
 
 def plot_capacity(rows, path, metric="em_recall"):
-    """Recall accuracy against stored pairs N: one colour per d_k, solid delta, dashed hebbian; o = knee."""
+    """Recall accuracy against stored pairs N: one colour per d_k (and write mode, when several were
+    swept), solid delta, dashed hebbian; o = knee. Dotted: 1/N, what a memory that returns *a* stored
+    value, not the asked one's, scores. Returns the curves' labels."""
     plt = _plt()
     rows = [r for r in _rows(rows) if str(r.get("n_pairs", "0")) not in ("0", "")]
     if not rows:
         raise UserError("no capacity rows (n_pairs > 0): run python ablate.py --capacity first")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    dks = sorted({int(r["key_dim"]) for r in rows})
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(dks)))
-    for dk, color in zip(dks, colors):
+    writes = sorted({r.get("write", "token") for r in rows})
+    groups = sorted({(int(r["key_dim"]), r.get("write", "token")) for r in rows})
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
+    for (dk, write), color in zip(groups, colors):
         for update, style in (("delta", "-"), ("hebbian", "--")):
             pts = {int(r["n_pairs"]): float(r[metric] if r.get(metric, "") != "" else r["acc"])
-                   for r in rows if int(r["key_dim"]) == dk and r["update"] == update}
+                   for r in rows if int(r["key_dim"]) == dk and r.get("write", "token") == write
+                   and r["update"] == update}
             if not pts:
                 continue
             ns = sorted(pts)
-            ax.plot(ns, [pts[n] for n in ns], style, marker=".", color=color, label=f"d_k={dk} {update}")
+            label = f"d_k={dk} {write + ' ' if len(writes) > 1 else ''}{update}"
+            ax.plot(ns, [pts[n] for n in ns], style, marker=".", color=color, label=label)
             k = knee(ns, [pts[n] for n in ns])
             if k is not None:
                 ax.plot([k], [pts[k]], "o", ms=11, mfc="none", mec=color, mew=1.5)
-    ax.set_xscale("log", base=2)
     allN = sorted({int(r["n_pairs"]) for r in rows})
+    ax.plot(allN, [1 / n for n in allN], ":", color="gray", label="1/N (a stored value at random)")
+    ax.set_xscale("log", base=2)
     ax.set_xticks(allN, [str(n) for n in allN])                          # plain N, not 2^k
     ax.set_xlabel("stored pairs N")
     ax.set_ylabel("recall exact match")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("capacity: recall vs N (o = knee: last N at >= half the best)", fontsize=9)
     ax.grid(alpha=0.3)
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
     ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
+    return labels                                                        # the curves drawn, for tests
 
 
 def plot_families(results_json, path):

@@ -230,6 +230,18 @@ def context_exact_match(model, enc, episodes, with_history, device="cpu", max_ne
     return score(preds, gold, fams)
 
 
+def binding_exact_match(model, enc, pairs=(1, 2, 4, 8), n_episodes=40, device="cpu", seed=4321):
+    """Does the backbone bind a value to its name? Exact match on plain recall ("- Alice: tiger." lines,
+    then "Alice?") with N stored pairs in its context, each name asked once. A backbone that finds *a*
+    stored value but not *the asked one's* scores 1/N; binding scores well above it.
+    Returns {N: accuracy}."""
+    from data import tasks
+    rng = np.random.default_rng(seed)
+    return {n: context_exact_match(model, enc, [tasks.make_recall(rng, "small", "iid", n_pairs=n, mix={"recall": 1.0})
+                                                for _ in range(n_episodes)], True, device)["macro"]
+            for n in pairs}
+
+
 def probe_accuracy(features, labels, train_share=2 / 3, ridge=1.0):
     """Held-out accuracy of a linear (ridge-regression) classifier: features (N, d), labels (N,) ints.
     The first train_share of the rows fit it, the rest test it."""
@@ -503,6 +515,10 @@ def report(model, enc, cfg, device):
         fams = " ".join(f"{f} {v:.2f}" for f, v in res.items() if f != "macro")
         print(f"exact match on {len(episodes)} unseen small episodes, history "
               f"{'in context  ' if with_history else 'not in context'}: macro {res['macro']:.2f} ({fams})")
+    bind = binding_exact_match(model, enc, device=device)
+    print(f"binding: recall from context with N = {' '.join(map(str, bind))} stored pairs: "
+          f"{' '.join(f'{a:.2f}' for a in bind.values())} (1/N, a stored value at random: "
+          f"{' '.join(f'{1 / n:.2f}' for n in bind)})")
     probe = subject_probe(model, enc, device=device)
     fmt = lambda accs: " ".join(f"{a:.2f}" for a in accs)
     if probe is not None:

@@ -207,3 +207,12 @@ def test_memory_trace_refuses_segment_writes(enc, gpt):
     model = DeltaMemGPT(gpt, TM.memory_config(dict(TM.DEFAULTS, write="segment")))
     with pytest.raises(AB.UserError, match="SSW"):
         AB.memory_trace(model, enc, tasks.make_recall(np.random.default_rng(3), "tiny", "iid"))
+
+
+def test_capacity_plot_draws_one_curve_per_write_mode_and_the_1_over_n_line(tmp_path):
+    rows = [dict(r, write=w) for r in fixed_rows() if r["n_pairs"] and r["key_dim"] == 4 for w in ("token", "segment")]
+    labels = AB.plot_capacity(rows, str(tmp_path / "capacity.png"))
+    assert_png(tmp_path / "capacity.png")
+    curves = [lab for lab in labels if lab.startswith("d_k=")]
+    assert sorted(curves) == sorted(f"d_k=4 {w} {u}" for w in ("token", "segment") for u in ("delta", "hebbian"))
+    assert any(lab.startswith("1/N") for lab in labels)

@@ -174,3 +174,24 @@ def test_greedy_answers_stop_at_a_newline_inside_a_token():
         return out
 
     assert TB.greedy_answers(logits_fn, [[3]], Enc(), max_new_tokens=6) == ["ab"]
+
+
+@pytest.mark.parametrize("answerer, expected", [("last", lambda n: 1 / n), ("lookup", lambda n: 1.0)])
+def test_binding_probe_scores_a_value_picker_at_1_over_n_and_a_lookup_at_1(enc, monkeypatch, answerer, expected):
+    """The binding line of the backbone report: an answerer that returns the last stored value (finds a
+    value, binds none) must score exactly 1/N, since every name is asked once; one that looks up the
+    asked name must score 1. Both read only the prompt, so this checks what the probe puts in context."""
+    import re
+
+    def fake_greedy(fn, prompts, enc_, max_new_tokens=6):
+        out = []
+        for p in prompts:
+            text = enc_.decode(p)
+            pairs = re.findall(r"- (\w+): (\w+)\.", text)
+            asked = re.search(r"Q: (\w+)\?\nA:$", text).group(1)
+            out.append(pairs[-1][1] if answerer == "last" else dict(pairs)[asked])
+        return out
+
+    monkeypatch.setattr(TB, "greedy_answers", fake_greedy)
+    res = TB.binding_exact_match(tiny(vocab_size=257, block_size=256), enc, pairs=(1, 2, 4), n_episodes=5)
+    assert res == pytest.approx({n: expected(n) for n in (1, 2, 4)})
