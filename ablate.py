@@ -35,7 +35,7 @@ from train_backbone import UserError, fmt_time, normalize_answer, parse_config, 
 DEFAULTS = dict(
     TM.DEFAULTS,
     out_dir="out-ablate",
-    max_iters=120,                # per cell, as train_memory.py: ~2 min a cell, the 25-cell CPU grid ~45 min (estimated)
+    max_iters=120,                # per cell, as train_memory.py: ~2 min a cell, the 25-cell CPU grid 50 min (measured)
     val_episodes=32,              # the training log's answer accuracy (cheaper than train_memory's 64)
     eval_episodes=16,             # held-out episodes per split, per cell
     splits="iid",                 # which held-out splits to score (train_memory.EVAL_SPLITS)
