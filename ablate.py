@@ -285,15 +285,15 @@ def plot_capacity(rows, path, metric="em_recall"):
     rows = [r for r in _rows(rows) if str(r.get("n_pairs", "0")) not in ("0", "")]
     if not rows:
         raise UserError("no capacity rows (n_pairs > 0): run python ablate.py --capacity first")
+    rows = [dict(r, write=r.get("write") or "token") for r in rows]     # rows written before the write axis
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    writes = sorted({r.get("write", "token") for r in rows})
-    groups = sorted({(int(r["key_dim"]), r.get("write", "token")) for r in rows})
+    writes = sorted({r["write"] for r in rows})
+    groups = sorted({(int(r["key_dim"]), r["write"]) for r in rows})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
     for (dk, write), color in zip(groups, colors):
         for update, style in (("delta", "-"), ("hebbian", "--")):
             pts = {int(r["n_pairs"]): float(r[metric] if r.get(metric, "") != "" else r["acc"])
-                   for r in rows if int(r["key_dim"]) == dk and r.get("write", "token") == write
-                   and r["update"] == update}
+                   for r in rows if (int(r["key_dim"]), r["write"], r["update"]) == (dk, write, update)}
             if not pts:
                 continue
             ns = sorted(pts)

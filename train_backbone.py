@@ -42,8 +42,7 @@ DEFAULTS = dict(
     eval_interval=250, eval_iters=8, log_interval=25, eval_episodes=200,
 )
 PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, max_iters=1500,
-                learning_rate=6e-3, min_lr=1e-3, warmup_iters=100),
+    "cpu": dict(),                                               # the defaults above
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=64, max_iters=3000,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20,
                 out_dir="out-gpu"),                              # where train_memory.py --preset=gpu looks
@@ -237,9 +236,11 @@ def binding_exact_match(model, enc, pairs=(1, 2, 4, 8), n_episodes=40, device="c
     Returns {N: accuracy}."""
     from data import tasks
     rng = np.random.default_rng(seed)
-    return {n: context_exact_match(model, enc, [tasks.make_recall(rng, "small", "iid", n_pairs=n, mix={"recall": 1.0})
-                                                for _ in range(n_episodes)], True, device)["macro"]
-            for n in pairs}
+    out = {}
+    for n in pairs:
+        episodes = [tasks.make_recall(rng, "small", "iid", n_pairs=n, mix={"recall": 1.0}) for _ in range(n_episodes)]
+        out[n] = context_exact_match(model, enc, episodes, True, device)["macro"]
+    return out
 
 
 def probe_accuracy(features, labels, train_share=2 / 3, ridge=1.0):
