@@ -12,9 +12,13 @@ What the memory costs, measured side by side and reported as ratios (one run, on
     python bench.py                     # the full run (~3 minutes on 2 CPU cores)
     python bench.py --quick             # a seconds-long smoke run (tiny sizes, numbers not meaningful)
     python bench.py --T=1024 --repeats=5 --out=bench.json
+    python bench.py --preset=gpu --chunk_size=32    # another preset's sizes, another chunk
+    python bench.py --compile           # the training step (part 2) with torch.compile'd models
 
-Models are the cpu-preset sizes (4 layers, 4 heads, width 128, block 256, vocabulary 1024) with random
-weights: speed does not depend on what the weights learned. Every time is the best of --repeats runs
+Models have the sizes of the device's preset (--preset=auto: gpu on CUDA, else cpu; the cpu preset is 4
+layers, 4 heads, width 128, block 256; the gpu preset 6 layers, 6 heads, width 384, block 512; vocabulary
+1024 for both) and the memory its config (chunk 8 on cpu, 64 on gpu), with random weights: speed does not
+depend on what the weights learned. Every time is the best of --repeats runs
 after one warm-up run. Prints a table per part and writes bench.json (with the machine it ran on).
 """
 import contextlib
@@ -31,6 +35,19 @@ import torch.nn.functional as F
 from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, IGNORE_INDEX, delta_rule_scan
 
 BACKBONE = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=1024)  # the cpu preset (1k BPE)
+MEMORY = None                                   # train_memory's config of the preset (None: its DEFAULTS)
+
+
+def use_preset(preset):
+    """Measure at train_backbone's / train_memory's sizes of `preset` (cpu or gpu): the backbone's shape
+    (vocabulary kept at 1k: speed hardly depends on it) and the memory's config, chunk size included."""
+    import train_backbone
+    import train_memory
+    global MEMORY
+    bb = {**train_backbone.DEFAULTS, **train_backbone.PRESETS[preset]}
+    BACKBONE.update({k: bb[k] for k in ("n_layer", "n_head", "n_embd", "block_size")})
+    MEMORY = {**train_memory.DEFAULTS, **train_memory.PRESETS[preset]}
+    return MEMORY
 
 
 def machine():
@@ -169,7 +186,7 @@ def models(device, seed=0):
     import train_memory
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(**BACKBONE)).to(device)
-    mem = DeltaMemGPT(copy.deepcopy(gpt), train_memory.memory_config(train_memory.DEFAULTS)).to(device)
+    mem = DeltaMemGPT(copy.deepcopy(gpt), train_memory.memory_config(MEMORY or train_memory.DEFAULTS)).to(device)
     return gpt, mem
 
 
@@ -190,11 +207,13 @@ def train_batch(B=16, W=3, L=128, Q=6, Lq=20, line=16, answer=3, vocab=1024, see
 # 2. training: a memory step vs a plain backbone step on the same tokens
 # ----------------------------------------------------------------------------------------------
 
-def train_step_bench(repeats=3, device="cpu", **shape):
+def train_step_bench(repeats=3, device="cpu", compile=False, **shape):
+    """compile=True: both steps run torch.compile'd models (as --compile in the training scripts)."""
     import train_memory
     gpt, mem = models(device)
+    run_gpt, run_mem = (torch.compile(gpt), torch.compile(mem)) if compile else (gpt, mem)
     batch = {k: v.to(device) for k, v in train_batch(**shape).items()}
-    cfg = train_memory.DEFAULTS
+    cfg = MEMORY or train_memory.DEFAULTS
     hist, qx = batch["hist"].flatten(0, 1), batch["qx"].flatten(0, 1)  # (B·W, L), (B·Q, Lq)
     hist_y = torch.roll(hist, -1, dims=1)                                # next-token targets
     B, V = batch["hist"].size(0), gpt.config.vocab_size
@@ -203,20 +222,22 @@ def train_step_bench(repeats=3, device="cpu", **shape):
 
     def memory_step():                                                   # exactly what train_one runs
         mem.train()
-        train_memory.episode_loss(mem, batch, cfg, device, general=(gx, gy)).backward()
+        train_memory.episode_loss(run_mem, batch, cfg, device, general=(gx, gy)).backward()
         mem.zero_grad(set_to_none=True)
 
     def backbone_step():                                                 # the same windows, all weights
         gpt.train()
-        (gpt(hist, hist_y)[1] + gpt(qx, batch["qy"].flatten(0, 1))[1] + gpt(gx[:, 0], gy[:, 0])[1]).backward()
+        loss = run_gpt(hist, hist_y)[1] + run_gpt(qx, batch["qy"].flatten(0, 1))[1] + run_gpt(gx[:, 0], gy[:, 0])[1]
+        loss.backward()
         gpt.zero_grad(set_to_none=True)
 
     ntok = hist.numel() + qx.numel() + gx.numel()
     row = ratio_row("memory_step", memory_step, "backbone_step", backbone_step, repeats, device)
-    row = dict(tokens=ntok, shape=dict(B=batch["hist"].size(0), W=batch["hist"].size(1), L=batch["hist"].size(2),
+    row = dict(tokens=ntok, compile=compile, shape=dict(B=batch["hist"].size(0), W=batch["hist"].size(1), L=batch["hist"].size(2),
                                        Q=qx.size(0) // batch["hist"].size(0), Lq=qx.size(1), G=gx.size(-1)),
                overhead=row.pop("ratio"), **row)
-    print(f"2. training step, forward + backward, {ntok:,} tokens ({row['shape']}; G: general-text tokens "
+    print(f"2. training step{' (torch.compile)' if compile else ''}, forward + backward, {ntok:,} tokens "
+          f"({row['shape']}; G: general-text tokens "
           f"per episode):\n"
           f"  memory (write + read pass, frozen backbone) {row['memory_step_ms']:7.1f} ms {mib(row['memory_step_peak_mib'])} | "
           f"backbone (all weights trainable) {row['backbone_step_ms']:7.1f} ms {mib(row['backbone_step_peak_mib'])} | "
@@ -326,42 +347,55 @@ def decode_bench(prompt_len=32, new_tokens=32, history=256, repeats=3, device="c
 # ----------------------------------------------------------------------------------------------
 
 def parse(argv):
-    args = dict(T="256,1024,4096", repeats="3", chunk_size="8", quick=False, out="bench.json",
-                device="cuda" if torch.cuda.is_available() else "cpu")
+    args = dict(T="256,1024,4096", repeats="3", chunk_size="preset", quick=False, compile=False, out="bench.json",
+                device="cuda" if torch.cuda.is_available() else "cpu", preset="auto")
     for a in argv:
         key, eq, val = a.lstrip("-").partition("=")
         if key not in args:
             sys.exit(f"error: unknown option --{key}; valid: {', '.join('--' + k for k in args)}")
-        args[key] = True if key == "quick" and not eq else val
+        args[key] = True if key in ("quick", "compile") and not eq else val
     try:
-        args["quick"] = args["quick"] in (True, "1", "true", "True")
+        args["quick"], args["compile"] = (args[k] in (True, "1", "true", "True") for k in ("quick", "compile"))
         args["T"] = tuple(int(t) for t in str(args["T"]).split(","))
-        args["repeats"], args["chunk_size"] = int(args["repeats"]), int(args["chunk_size"])
-        if min(args["T"]) < 1 or args["repeats"] < 1 or args["chunk_size"] < 1:
+        args["repeats"] = int(args["repeats"])
+        if args["chunk_size"] != "preset":
+            args["chunk_size"] = int(args["chunk_size"])
+            if args["chunk_size"] < 1:
+                raise ValueError
+        if min(args["T"]) < 1 or args["repeats"] < 1:
             raise ValueError
     except ValueError:
         sys.exit("error: --T takes positive ints (e.g. 256,1024), --repeats and --chunk_size positive ints")
+    if args["preset"] == "auto":
+        args["preset"] = "gpu" if args["device"] == "cuda" else "cpu"
+    if args["preset"] not in ("cpu", "gpu"):
+        sys.exit(f"error: --preset must be auto, cpu or gpu, got {args['preset']!r}")
     return args
 
 
 def main(argv):
     a = parse(argv)
     dev, rep = a["device"], a["repeats"]
+    mcfg = use_preset(a["preset"])
+    if a["chunk_size"] == "preset":
+        a["chunk_size"] = mcfg["chunk_size"]
     info = machine()
-    print(f"on {info['device_name']}, {info['cpu_cores']} CPU cores, torch {info['torch']}"
+    print(f"on {info['device_name']}, {info['cpu_cores']} CPU cores, torch {info['torch']}; {a['preset']} preset sizes "
+          f"(layers {BACKBONE['n_layer']}, width {BACKBONE['n_embd']}, block {BACKBONE['block_size']}), chunk {a['chunk_size']}"
           f"{' (--quick: tiny sizes, the numbers mean nothing)' if a['quick'] else ''}")
     if a["quick"]:                                                       # smoke run: every code path, tiny
         scan = scan_bench((64, 1024), B=1, H=1, chunk_size=a["chunk_size"], repeats=1, device=dev,
                           gates_list=("rowwise",))
-        train = train_step_bench(1, dev, B=2, W=2, L=32, Q=2, Lq=8)
+        train = train_step_bench(1, dev, compile=a["compile"], B=2, W=2, L=32, Q=2, Lq=8)
         answer = answer_bench((64, 512), Q=2, Lq=8, answer_len=2, repeats=1, device=dev)
         decode = decode_bench(8, 2, 32, repeats=1, device=dev)
     else:
         scan = scan_bench(a["T"], chunk_size=a["chunk_size"], repeats=rep, device=dev)
-        train = train_step_bench(rep, dev)
+        train = train_step_bench(rep, dev, compile=a["compile"])
         answer = answer_bench(repeats=rep, device=dev)
         decode = decode_bench(repeats=rep, device=dev)
-    out = dict(machine=info, quick=a["quick"], memory_measure="torch.cuda.max_memory_allocated" if dev == "cuda"
+    out = dict(machine=info, quick=a["quick"], preset=a["preset"], backbone=dict(BACKBONE), chunk_size=a["chunk_size"],
+               memory_measure="torch.cuda.max_memory_allocated" if dev == "cuda"
                else "torch.profiler profile_memory: peak of live tensor bytes above the start",
                train_step_overhead=train["overhead"], answer_time_ratio_at_max_T=answer[-1]["ratio"],
                answer_max_T=answer[-1]["T"], decode_overhead=decode["overhead"],

@@ -218,8 +218,9 @@ def delta_rule_recurrent(q, k, v, beta, state, decay=True, erase=True):
 def unit_lower_solve(A, rhs):
     """X = (I + A)⁻¹ rhs for strictly lower-triangular A (..., C, C): a batched triangular solve.
 
-    (A is nilpotent, so (I + A)⁻¹ = (I - A)(I + A²)(I + A⁴)... also works in log2(C) batched matmuls,
-    the usual choice on a GPU; on a CPU LAPACK's triangular solve measured ~8x faster for C = 8.)
+    (A is nilpotent, so (I + A)⁻¹ = (I - A)(I + A²)(I + A⁴)... also works in log2(C) batched matmuls.
+    Measured, scan forward + backward at T = 1024: on a CPU LAPACK's solve ~8x faster for C = 8; on an
+    H200 doubling wins at C = 16-32 but the solve at C = 64, the gpu preset's chunk (8.0 vs 8.8 ms).)
     """
     eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
     return torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)

@@ -55,8 +55,8 @@ DEFAULTS = dict(
 )
 PRESETS = {
     "cpu": dict(),
-    "gpu": dict(batch_size=32, max_iters=2000, eval_episodes=200, val_episodes=256,
-                backbone="out-gpu/backbone.pt", out_dir="out-gpu"),
+    "gpu": dict(batch_size=32, max_iters=2000, eval_episodes=200, val_episodes=256, chunk_size=64,
+                backbone="out-gpu/backbone.pt", out_dir="out-gpu"),  # chunk 64: few sequential steps
 }
 EVAL_SPLITS = ["iid", "names", "values", "statements", "questions", "distractors", "structure", "all"]
 

@@ -58,3 +58,21 @@ def test_quick_run_writes_the_required_keys_and_consistent_ratios(tmp_path):
     peaks = [t["memory_step_peak_mib"], t["backbone_step_peak_mib"], last["full_context_peak_mib"],
              last["deltamem_peak_mib"], last["deltamem_write_peak_mib"], d["with_memory_peak_mib"], d["bare_peak_mib"]]
     assert all(isinstance(p, float) and p > 0 for p in peaks)
+
+
+def test_presets_take_the_training_scripts_sizes_and_chunk(monkeypatch):
+    import train_backbone
+    import train_memory
+    monkeypatch.setattr(bench, "BACKBONE", dict(bench.BACKBONE))         # use_preset edits them: restore after
+    monkeypatch.setattr(bench, "MEMORY", None)
+    mem = bench.use_preset("gpu")
+    gpu = train_backbone.PRESETS["gpu"]
+    assert [bench.BACKBONE[k] for k in ("n_layer", "n_head", "n_embd", "block_size")] == \
+        [gpu["n_layer"], gpu["n_head"], gpu["n_embd"], gpu["block_size"]]
+    assert mem["chunk_size"] == train_memory.PRESETS["gpu"]["chunk_size"] == 64 and bench.MEMORY is mem
+    assert bench.use_preset("cpu")["chunk_size"] == train_memory.DEFAULTS["chunk_size"] == 8
+    assert bench.BACKBONE["n_embd"] == train_backbone.DEFAULTS["n_embd"]
+    assert bench.parse(["--device=cuda"])["preset"] == "gpu" and bench.parse(["--device=cpu"])["preset"] == "cpu"
+    assert bench.parse(["--chunk_size=16"])["chunk_size"] == 16 and bench.parse([])["chunk_size"] == "preset"
+    with pytest.raises(SystemExit, match="--preset must be"):
+        bench.parse(["--preset=tpu"])
