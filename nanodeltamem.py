@@ -46,6 +46,8 @@ class CausalSelfAttention(nn.Module):
     The projections are separate so the memory can add its corrections in plain sight:
         Q   = W_q h + dq          (dq: the memory's query correction, or None)
         out = W_o Attn(Q, K, V) + do
+    cache: None, or a dict that keeps this layer's K and V for decoding (greedy answers): a prompt fills
+    it, then each new token attends to everything before it without recomputing it.
     """
 
     def __init__(self, cfg):
@@ -58,15 +60,22 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # W_o
         self.dropout = cfg.dropout
 
-    def forward(self, h, dq=None, do=None):
+    def forward(self, h, dq=None, do=None, cache=None):
         B, T, C = h.shape
         q = self.q_proj(h)                                               # (B, T, C)
         if dq is not None:
             q = q + dq                                                   # low-rank query correction
         k, v = self.k_proj(h), self.v_proj(h)                            # (B, T, C) each: untouched
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(                              # (B, nh, T, hs)
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:                                            # decoding: prepend the earlier
+            if "k" in cache:                                             # tokens' keys and values
+                if T != 1:
+                    raise ValueError(f"a filled cache takes one new token at a time, got {T}")
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)  # (B, nh, T0 + 1, hs)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(                              # (B, nh, T, hs); one new token
+            q, k, v, is_causal=k.size(2) == T,                           # sees all the cache: no mask
+            dropout_p=self.dropout if self.training else 0.0)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, C))              # (B, T, C)
         if do is not None:
             y = y + do                                                   # low-rank output correction
@@ -94,10 +103,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mem=None):
+    def forward(self, x, mem=None, cache=None):
         h = self.ln_1(x)                                                 # (B, T, C) attention input
         dq, do = mem(h) if mem is not None else (None, None)             # the memory reads h
-        x = x + self.attn(h, dq, do)
+        x = x + self.attn(h, dq, do, cache)
         return x + self.mlp(self.ln_2(x))                                # (B, T, C)
 
 
@@ -141,18 +150,22 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, mems=None):
+    def forward(self, idx, targets=None, mems=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, V); loss if targets (B, T) are given.
 
         mems: None, or one callable per layer (or None for a layer without memory), see Block.
+        cache: None, or a dict (start with {}) that keeps every layer's keys and values: idx is then
+        the prompt on the first call and one new token, at the next position, on each later call.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        past = cache[0]["k"].size(2) if cache else 0                     # tokens already in the cache
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, mems[i] if mems is not None else None)          # (B, T, C)
+            layer_cache = cache.setdefault(i, {}) if cache is not None else None
+            x = block(x, mems[i] if mems is not None else None, layer_cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))                              # (B, T, V)
         loss = None
         if targets is not None:
@@ -521,19 +534,22 @@ class DeltaMemGPT(nn.Module):
         for mem, s in zip(self.memories.values(), states):
             mem.state = s
 
-    def forward(self, idx, targets=None, write=False, mask=None, seg=None):
+    def forward(self, idx, targets=None, write=False, mask=None, seg=None, cache=None):
         """idx (B, T) or (B, W, L): W windows per row, one memory stream per row.
 
         write=True streams the windows through the memory (each token, or each line with SSW,
-        writes); write=False only reads the current state (questions).
+        writes); write=False only reads the current state (questions). cache: the backbone's decoding
+        cache (GPT.forward); reads need no cache of their own, each token reads S by itself.
         """
+        if write and cache is not None:
+            raise ValueError("writes stream whole windows: decode with a cache only when reading (write=False)")
         n_windows = idx.size(1) if idx.dim() == 3 else 1
         flat = lambda t: t.flatten(0, 1) if t is not None and t.dim() == 3 else t
         idx, targets, mask, seg = flat(idx), flat(targets), flat(mask), flat(seg)
         mems = [None] * self.gpt.config.n_layer
         for i, mem in self.memories.items():
             mems[int(i)] = lambda h, mem=mem: mem(h, write, n_windows, mask, seg)
-        return self.gpt(idx, targets, mems=mems)
+        return self.gpt(idx, targets, mems=mems, cache=cache)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, stop_token=None):

@@ -183,8 +183,10 @@ def normalize_answer(s):
 def greedy_answers(logits_fn, prompts, enc, max_new_tokens=6, batch_size=64):
     """Greedy-decode an answer for every prompt (a list of token lists), stopping at a newline.
 
-    logits_fn(idx (b, T), rows) -> logits (b, T, V); `rows` are the prompts' indices, so a memory
-    model can give each row its own episode's state. Prompts of equal length share a batch.
+    logits_fn(idx (b, T), rows, cache) -> logits (b, T, V); `rows` are the prompts' indices, so a memory
+    model can give each row its own episode's state; `cache` is the model's decoding cache (GPT.forward):
+    the first call gets the prompts, every later call only the token just chosen. Prompts of equal
+    length share a batch.
     """
     newline = enc.encode_ordinary("\n")[0]
     out = [None] * len(prompts)
@@ -194,12 +196,12 @@ def greedy_answers(logits_fn, prompts, enc, max_new_tokens=6, batch_size=64):
     for _, rows_all in sorted(by_len.items()):
         for s in range(0, len(rows_all), batch_size):
             rows = rows_all[s:s + batch_size]
-            idx = torch.tensor([prompts[i] for i in rows], dtype=torch.long)
-            new = []
+            idx = torch.tensor([prompts[i] for i in rows], dtype=torch.long)  # (b, T) the prompts
+            cache, new = {}, []
             for _ in range(max_new_tokens):
-                nxt = logits_fn(idx, rows)[:, -1].argmax(-1, keepdim=True)  # (b, 1)
+                nxt = logits_fn(idx, rows, cache)[:, -1].argmax(-1, keepdim=True)  # (b, 1)
                 new.append(nxt)
-                idx = torch.cat([idx, nxt], 1)
+                idx = nxt                                                # next call: the new token only
                 if bool((torch.cat(new, 1) == newline).any(1).all()):
                     break
             new = torch.cat(new, 1).tolist()
@@ -224,7 +226,7 @@ def context_exact_match(model, enc, episodes, with_history, device="cpu", max_ne
             prompts.append((hist + tasks.question_prompt(enc, q))[-block:])
             gold.append(q.a)
             fams.append(q.family)
-    fn = lambda idx, rows: model(idx.to(device))[0].float().cpu()
+    fn = lambda idx, rows, cache: model(idx.to(device), cache=cache)[0].float().cpu()
     preds = greedy_answers(fn, prompts, enc, max_new_tokens)
     return score(preds, gold, fams)
 

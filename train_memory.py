@@ -95,10 +95,10 @@ class LoRAGPT(DeltaMemGPT):
     def memory_state(self):
         return []
 
-    def forward(self, idx, targets=None, write=False, mask=None, seg=None):
+    def forward(self, idx, targets=None, write=False, mask=None, seg=None, cache=None):
         if write:
             return None, None                                            # a LoRA has no memory to write
-        return super().forward(idx, targets)
+        return super().forward(idx, targets, cache=cache)
 
 
 def lora_rank_for(mcfg, d):
@@ -367,13 +367,13 @@ def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
             hist.append(max(0, len(prompts[-1]) - len(ask)))             # history tokens actually kept
     hist_tokens = float(np.mean(hist))
     if model is None:
-        fn = lambda idx, rows: gpt(idx.to(device))[0].float().cpu()
+        fn = lambda idx, rows, cache: gpt(idx.to(device), cache=cache)[0].float().cpu()
     else:
         states = write_states(model, enc, episodes, device)
-        def fn(idx, rows):
+        def fn(idx, rows, cache):
             ids = torch.tensor([owner[r] for r in rows], device=device)
             model.set_memory_state([s[ids] for s in states])
-            return model(idx.to(device))[0].float().cpu()
+            return model(idx.to(device), cache=cache)[0].float().cpu()
     return greedy_answers(fn, prompts, enc, new_tokens), hist_tokens
 
 
@@ -707,11 +707,11 @@ def demo_answers(enc, gpt, model, states, ep, questions, device, new_tokens=DEMO
         if len(a) > block:
             raise UserError(f"question {q[:40]!r} is {len(a)} tokens, the backbone reads at most {block}: shorten it")
     hist = enc.encode_ordinary(tasks.render_history(ep))
-    bare = lambda idx, rows: gpt(idx.to(device))[0].float().cpu()
+    bare = lambda idx, rows, cache: gpt(idx.to(device), cache=cache)[0].float().cpu()
 
-    def with_memory(idx, rows):                                          # every row reads the one written state
+    def with_memory(idx, rows, cache):                                   # every row reads the one written state
         model.set_memory_state([s[[0] * len(rows)] for s in states])
-        return model(idx.to(device))[0].float().cpu()
+        return model(idx.to(device), cache=cache)[0].float().cpu()
     none = greedy_answers(bare, asks, enc, new_tokens)
     mem = greedy_answers(with_memory, asks, enc, new_tokens)
     full = greedy_answers(bare, [(hist + a)[-block:] for a in asks], enc, new_tokens)  # oldest history cut first

@@ -168,12 +168,38 @@ def test_greedy_answers_stop_at_a_newline_inside_a_token():
 
     script = [0, 1, 3, 2]                                                # a, b\nzz, c, \n
 
-    def logits_fn(idx, rows):                                           # emits the script, one per step
+    calls = []
+
+    def logits_fn(idx, rows, cache):                                    # emits the script, one per step
+        calls.append(idx.size(1))
         out = torch.full((idx.size(0), idx.size(1), 4), -1e9)
-        out[:, -1, script[idx.size(1) - 1]] = 0.0
+        out[:, -1, script[len(calls) - 1]] = 0.0
         return out
 
-    assert TB.greedy_answers(logits_fn, [[3]], Enc(), max_new_tokens=6) == ["ab"]
+    assert TB.greedy_answers(logits_fn, [[3, 3]], Enc(), max_new_tokens=6) == ["ab"]
+    assert calls == [2, 1, 1, 1]                                         # the prompt once, then each new token
+
+
+def test_greedy_answers_with_the_cache_equal_recomputing_every_prefix(enc):
+    """The cached decode (prompt once, then one token per call) picks what re-running the whole
+    sequence picks, for prompts of several lengths (equal lengths share a batch)."""
+    model = tiny(vocab_size=257, block_size=64).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(257, (n,), generator=g).tolist() for n in (3, 17, 9, 9, 30, 1)]
+    newline = enc.encode_ordinary("\n")[0]
+    expected = []
+    with torch.no_grad():
+        for p in prompts:                                                # the plain loop, no cache
+            toks = []
+            for _ in range(8):
+                nxt = int(model(torch.tensor([p + toks]))[0][0, -1].argmax())
+                toks.append(nxt)
+                if nxt == newline:
+                    break
+            expected.append(enc.decode(toks[:toks.index(newline)] if newline in toks else toks).split("\n")[0])
+        fn = lambda idx, rows, cache: model(idx, cache=cache)[0]
+        got = TB.greedy_answers(fn, prompts, enc, max_new_tokens=8)
+    assert got == expected and len(set(expected)) > 1
 
 
 @pytest.mark.parametrize("answerer, expected", [("last", lambda n: 1 / n), ("lookup", lambda n: 1.0)])

@@ -235,3 +235,46 @@ def test_chunkwise_survives_saturated_gates():
     assert (r1 - r2).abs().max() < 1e-4 and (s1 - s2).abs().max() < 1e-4
     (g,) = torch.autograd.grad(r2.sum() + s2.sum(), beta)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("with_memory", [False, True, "lora"])
+def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory):
+    # prompt of 6 tokens into the cache, then 4 tokens one at a time: the same logits as one full pass
+    gpt = tiny_gpt().eval()
+    model = gpt
+    if with_memory:
+        if with_memory == "lora":
+            from train_memory import LoRAGPT
+            model = LoRAGPT(gpt, MemoryConfig(), rank=4).eval()
+        else:
+            model = DeltaMemGPT(gpt, MemoryConfig(chunk_size=4)).eval()
+        with torch.no_grad():
+            for mem in model.memories.values():                          # corrections that matter
+                for p in mem.parameters():
+                    p.normal_(0, 0.5)
+            model(torch.randint(64, (2, 2, 16)), write=True)             # a non-zero state to read
+    idx = torch.randint(64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)[0]                                             # (2, 10, V)
+        cache = {}
+        steps = [model(idx[:, :6], cache=cache)[0][:, -1]]
+        steps += [model(idx[:, t:t + 1], cache=cache)[0][:, -1] for t in range(6, 10)]
+    assert torch.allclose(torch.stack(steps, 1), full[:, 5:], atol=1e-5)
+    assert cache[0]["k"].size(2) == 10
+    if with_memory:
+        assert not torch.allclose(full, gpt(idx)[0], atol=1e-3)         # the memory did change the logits
+
+
+def test_cache_misuse_is_refused():
+    gpt = tiny_gpt().eval()
+    cache = {}
+    with torch.no_grad():
+        gpt(torch.randint(64, (1, 30)), cache=cache)
+        with pytest.raises(ValueError, match="one new token at a time"):
+            gpt(torch.randint(64, (1, 2)), cache=cache)
+        gpt(torch.randint(64, (1, 1)), cache=cache)                      # 31 of block 32
+        gpt(torch.randint(64, (1, 1)), cache=cache)                      # 32
+        with pytest.raises(ValueError, match="longer than block_size"):
+            gpt(torch.randint(64, (1, 1)), cache=cache)
+        with pytest.raises(ValueError, match="only when reading"):
+            DeltaMemGPT(tiny_gpt(), MemoryConfig())(torch.randint(64, (1, 4)), write=True, cache={})

@@ -304,12 +304,15 @@ class Oracle(torch.nn.Module):
         self.seq, self.V = enc.encode_ordinary(text), enc.n_vocab
         self.config = GPTConfig(vocab_size=self.V, block_size=block_size)
 
-    def forward(self, idx):
+    def forward(self, idx, cache=None):
         B, T = idx.shape
-        assert T <= self.config.block_size
+        past = cache.get("past", 0) if cache is not None else 0          # decoding: tokens already seen
+        if cache is not None:
+            cache["past"] = past + T
+        assert past + T <= self.config.block_size
         logits = torch.zeros(B, T, self.V)                               # (B, T, V)
-        for t in range(T):
-            logits[:, t, self.seq[min(t + 1, len(self.seq) - 1)]] = 1.0
+        for t in range(past, past + T):
+            logits[:, t - past, self.seq[min(t + 1, len(self.seq) - 1)]] = 1.0
         return logits, None
 
 
