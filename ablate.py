@@ -191,7 +191,7 @@ def sweep(cells, enc, gpt, device, csv_path):
     for n, cfg in enumerate(todo):
         cell_dir = os.path.join(cfg["out_dir"], "cells", cfg["cell"])
         os.makedirs(cell_dir, exist_ok=True)
-        kind = "deltamem" if cfg["update"] == "delta" else "hebbian"
+        kind = "hebbian" if cfg["update"] == "hebbian" else "deltamem"
         torch.manual_seed(cfg["seed"])                                   # the same init whatever the order
         t0 = time.time()
         model = TM.train_one(kind, TM.condition_name(cfg), gpt, enc, dict(cfg, out_dir=cell_dir), device)
@@ -279,7 +279,7 @@ def knee(ns, accs, frac=0.5):
 
 def plot_capacity(rows, path, metric="em_recall"):
     """Recall accuracy against stored pairs N: one colour per d_k (and write mode, when several were
-    swept), solid delta, dashed hebbian; o = knee. Dotted: 1/N, what a memory that returns *a* stored
+    swept), solid delta, dash-dotted deltanet, dashed hebbian; o = knee. Dotted: 1/N, what a memory that returns *a* stored
     value, not the asked one's, scores. Returns the curves' labels."""
     plt = _plt()
     rows = [r for r in _rows(rows) if str(r.get("n_pairs", "0")) not in ("0", "")]
@@ -291,7 +291,7 @@ def plot_capacity(rows, path, metric="em_recall"):
     groups = sorted({(int(r["key_dim"]), r["write"]) for r in rows})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
     for (dk, write), color in zip(groups, colors):
-        for update, style in (("delta", "-"), ("hebbian", "--")):
+        for update, style in (("delta", "-"), ("deltanet", "-."), ("hebbian", "--")):
             pts = {int(r["n_pairs"]): float(r[metric] if r.get(metric, "") != "" else r["acc"])
                    for r in rows if (int(r["key_dim"]), r["write"], r["update"]) == (dk, write, update)}
             if not pts:

@@ -342,7 +342,7 @@ class MemoryConfig:
     heads: int = 1             # H independent states per layer (H > 1: multi-state write, MSW)
     write: str = "token"       # token: one write per token (TSW) | segment: one per line (SSW)
     sides: str = "qo"          # which corrections: q (query), o (output) or qo (both)
-    update: str = "delta"      # delta | hebbian (S += β v kᵀ: no erase, no decay)
+    update: str = "delta"      # delta | deltanet (no (1-β) decay) | hebbian (S += β v kᵀ: no erase, no decay)
     gates: str = "rowwise"     # rowwise: one β per state row | scalar: one β per state
     layers: tuple = None       # indices of the layers that carry memory; None = all
     alpha: float = 16.0        # correction scale s = alpha / rank (as LoRA)
@@ -351,7 +351,7 @@ class MemoryConfig:
     chunk_size: int = 8        # chunkwise scan's chunk (None: token loop, for reference)
 
     def __post_init__(self):
-        choices = dict(write=("token", "segment"), sides=("q", "o", "qo"), update=("delta", "hebbian"),
+        choices = dict(write=("token", "segment"), sides=("q", "o", "qo"), update=("delta", "deltanet", "hebbian"),
                        gates=("rowwise", "scalar"), init=("paper", "zero"))
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -433,7 +433,7 @@ class DeltaMemory(nn.Module):
         S = self.state
         if S is None:
             S = x.new_zeros(B, cfg.heads, cfg.rank, cfg.key_dim, dtype=torch.float32)
-        scan = dict(chunk_size=cfg.chunk_size, decay=cfg.update == "delta", erase=cfg.update == "delta")
+        scan = dict(chunk_size=cfg.chunk_size, decay=cfg.update == "delta", erase=cfg.update != "hebbian")
         if not write:                                                    # read only: S stays as is
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
         elif cfg.write == "token":                                       # TSW: every token writes

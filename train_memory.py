@@ -136,6 +136,8 @@ def condition_name(cfg):
         name += f"_{cfg['sides']}"
     if cfg["update"] == "hebbian":
         name = name.replace("deltamem", "hebbian")
+    if cfg["update"] == "deltanet":
+        name += "_deltanet"
     return name
 
 
@@ -612,7 +614,7 @@ def main(argv=None):
     check_fits(cfg, gpt)
     memories = {}
     dm_name = condition_name(cfg)
-    memories[dm_name] = train_one("deltamem" if cfg["update"] == "delta" else "hebbian", dm_name, gpt, enc, cfg, device)
+    memories[dm_name] = train_one("hebbian" if cfg["update"] == "hebbian" else "deltamem", dm_name, gpt, enc, cfg, device)
     for base in [b for b in cfg["baselines"].split(",") if b]:
         if base not in ("lora", "hebbian"):
             raise UserError(f"--baselines: unknown baseline {base!r}; choose from lora, hebbian")

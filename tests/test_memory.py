@@ -278,3 +278,22 @@ def test_cache_misuse_is_refused():
             gpt(torch.randint(64, (1, 1)), cache=cache)
         with pytest.raises(ValueError, match="only when reading"):
             DeltaMemGPT(tiny_gpt(), MemoryConfig())(torch.randint(64, (1, 4)), write=True, cache={})
+
+
+@pytest.mark.parametrize("update, decay, erase", [("delta", True, True), ("deltanet", False, True),
+                                                  ("hebbian", False, False)])
+def test_update_switch_picks_the_scan(update, decay, erase):
+    # the memory's final state equals the scan with the switch's decay / erase, and differs from the others
+    from nanodeltamem import DeltaMemory
+    torch.manual_seed(0)
+    mem = DeltaMemory(16, MemoryConfig(update=update, chunk_size=4))
+    torch.nn.init.normal_(mem.W_beta.weight, 0, 0.5)                     # β that varies from token to token
+    h = torch.randn(2, 11, 16)
+    with torch.no_grad():
+        mem(h, write=True)
+        k, v, beta = mem._project(h)
+        q = F.normalize(torch.tanh(mem._heads(mem.A_q(h), 8)), dim=-1)
+        states = {(d, e): delta_rule_scan(q, k, v, beta, decay=d, erase=e)[1]
+                  for d, e in [(True, True), (False, True), (False, False)]}
+    for (d, e), S in states.items():
+        assert torch.allclose(mem.state, S, atol=1e-5) == ((d, e) == (decay, erase)), (d, e)

@@ -173,3 +173,11 @@ def test_demo_bad_inputs_are_one_line_errors(enc, gpt, tmp_path):
     with pytest.raises(TM.UserError, match="was trained on backbone") as e:   # a memory for another backbone
         TM.demo(enc, gpt, "cpu", ep, qs, path)
     assert "\n" not in str(e.value)
+
+
+def test_condition_names_say_the_variant():
+    import train_memory as TM
+    name = lambda **kw: TM.condition_name({**TM.DEFAULTS, **kw})
+    assert name() == "deltamem" and name(write="segment") == "deltamem_ssw" and name(heads=4) == "deltamem_msw4"
+    assert name(sides="o") == "deltamem_o" and name(update="hebbian") == "hebbian"
+    assert name(update="deltanet") == "deltamem_deltanet" and name(write="segment", update="deltanet") == "deltamem_ssw_deltanet"
