@@ -203,7 +203,7 @@ def test_corrupt_default_backbone_checkpoint_is_one_line(tmp_path, monkeypatch):
     ("--batch_size=0", "must be > 0"), ("--learning_rate=0", "must be > 0"), ("--budget=0", ">= 1"),
     ("--eval_episodes=0", "must be > 0"), ("--min_lr=1", "[0, --learning_rate]"),
     ("--beta_target=2", "[0, 1]"), ("--write=line", "token, segment"), ("--sides=k", "q, o, qo"),
-    ("--update=oja", "delta, hebbian"), ("--gates=vector", "rowwise, scalar"), ("--layers=0,x", "e.g. 0,2"),
+    ("--update=oja", "delta, deltanet, hebbian"), ("--gates=vector", "rowwise, scalar"), ("--layers=0,x", "e.g. 0,2"),
     ("--baselines=rag", "lora, hebbian"), ("--episode_preset=huge", "tiny, small, medium, long"),
     ("--device=gpu", "auto, cpu, cuda"), ("--key_dim=2.5", "expects a int"), ("--bogus=1", "valid options"),
 ])
