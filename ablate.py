@@ -191,10 +191,10 @@ def sweep(cells, enc, gpt, device, csv_path):
     for n, cfg in enumerate(todo):
         cell_dir = os.path.join(cfg["out_dir"], "cells", cfg["cell"])
         os.makedirs(cell_dir, exist_ok=True)
-        kind = "hebbian" if cfg["update"] == "hebbian" else "deltamem"
         torch.manual_seed(cfg["seed"])                                   # the same init whatever the order
         t0 = time.time()
-        model = TM.train_one(kind, TM.condition_name(cfg), gpt, enc, dict(cfg, out_dir=cell_dir), device)
+        model = TM.train_one(TM.memory_kind(cfg), TM.condition_name(cfg), gpt, enc, dict(cfg, out_dir=cell_dir),
+                             device)
         t1 = time.time()
         scores = eval_cell(cfg, enc, gpt, model, device)
         t2 = time.time()

@@ -38,6 +38,11 @@ BACKBONE = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=1024
 MEMORY = None                                   # train_memory's config of the preset (None: its DEFAULTS)
 
 
+def memory_cfg():
+    import train_memory
+    return MEMORY or train_memory.DEFAULTS
+
+
 def use_preset(preset):
     """Measure at train_backbone's / train_memory's sizes of `preset` (cpu or gpu): the backbone's shape
     (vocabulary kept at 1k: speed hardly depends on it) and the memory's config, chunk size included."""
@@ -186,7 +191,7 @@ def models(device, seed=0):
     import train_memory
     torch.manual_seed(seed)
     gpt = GPT(GPTConfig(**BACKBONE)).to(device)
-    mem = DeltaMemGPT(copy.deepcopy(gpt), train_memory.memory_config(MEMORY or train_memory.DEFAULTS)).to(device)
+    mem = DeltaMemGPT(copy.deepcopy(gpt), train_memory.memory_config(memory_cfg())).to(device)
     return gpt, mem
 
 
@@ -213,7 +218,7 @@ def train_step_bench(repeats=3, device="cpu", compile=False, **shape):
     gpt, mem = models(device)
     run_gpt, run_mem = (torch.compile(gpt), torch.compile(mem)) if compile else (gpt, mem)
     batch = {k: v.to(device) for k, v in train_batch(**shape).items()}
-    cfg = MEMORY or train_memory.DEFAULTS
+    cfg = memory_cfg()
     hist, qx = batch["hist"].flatten(0, 1), batch["qx"].flatten(0, 1)  # (B·W, L), (B·Q, Lq)
     hist_y = torch.roll(hist, -1, dims=1)                                # next-token targets
     B, V = batch["hist"].size(0), gpt.config.vocab_size

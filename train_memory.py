@@ -141,6 +141,11 @@ def condition_name(cfg):
     return name
 
 
+def memory_kind(cfg):
+    """train_one's kind for the memory of cfg: hebbian, or deltamem for the delta rules."""
+    return "hebbian" if cfg["update"] == "hebbian" else "deltamem"
+
+
 def build(kind, gpt, cfg):
     if kind == "lora":
         mcfg = memory_config(cfg, update="delta")
@@ -614,7 +619,7 @@ def main(argv=None):
     check_fits(cfg, gpt)
     memories = {}
     dm_name = condition_name(cfg)
-    memories[dm_name] = train_one("hebbian" if cfg["update"] == "hebbian" else "deltamem", dm_name, gpt, enc, cfg, device)
+    memories[dm_name] = train_one(memory_kind(cfg), dm_name, gpt, enc, cfg, device)
     for base in [b for b in cfg["baselines"].split(",") if b]:
         if base not in ("lora", "hebbian"):
             raise UserError(f"--baselines: unknown baseline {base!r}; choose from lora, hebbian")
