@@ -9,7 +9,7 @@ Ablations and pictures: change d_k or the rank, see what happens.
     python ablate.py --results=out/results.json        # per-family bars of a train_memory.py evaluation
     python ablate.py --plots                           # redraw the pictures from the CSVs, train nothing
 
-Comma lists on the swept flags (key_dim, rank, write, sides, update, n_pairs) give their cartesian
+Comma lists on the swept flags (key_dim, rank, write, sides, update, key_conv, n_pairs) give their cartesian
 product; every cell trains one memory in <out_dir>/cells/<cell>/ (train_memory.train_one, so an
 interrupted cell resumes), is scored at 0 history tokens in context on held-out episodes, and appends
 one row to the CSV. Cells already in the CSV are skipped, so re-running the same command resumes.
@@ -48,12 +48,12 @@ DEFAULTS = dict(
     results="",                   # a train_memory.py results.json: draw its per-family bars
 )
 PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt")}
-AXES = ("key_dim", "rank", "write", "sides", "update", "n_pairs")
+AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])
 WRITES = {"token": "token", "tsw": "token", "segment": "segment", "ssw": "segment", "msw": "msw"}
 FAMILIES = ["single_hop", "multi_hop", "update", "temporal", "abstention", "recall", "forgetting", "two_hop"]
-COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "n_pairs", "task", "episode_preset",
+COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key_conv", "n_pairs", "task", "episode_preset",
             "max_iters", "batch_size", "learning_rate", "seed", "backbone", "eval_episodes", "splits",
             "macro_em", "acc"] + [f"em_{f}" for f in FAMILIES] +
            ["n_questions", "train_seconds", "eval_seconds", "machine"])
@@ -104,7 +104,7 @@ def make_cells(cfg, axes):
         cell["write"] = "token" if cell["write_axis"] == "msw" else cell["write_axis"]
         if cell["write_axis"] == "msw":
             cell["heads"] = cfg["msw_heads"]
-        TM.check_positive(cell, ("key_dim", "rank", "heads"))
+        TM.check_positive(cell, ("key_dim", "rank", "heads", "key_conv"))
         TM.memory_config(cell)                                           # invalid sides/update: one-line error
         cell["cell"] = cell_name(cell)
         cells.append(cell)
@@ -114,6 +114,8 @@ def make_cells(cfg, axes):
 def cell_name(cell):
     """Readable axes + a hash of every other training setting, so a changed setting is a new cell."""
     name = f"dk{cell['key_dim']}_r{cell['rank']}_{cell['write_axis']}_{cell['sides']}_{cell['update']}"
+    if cell["key_conv"] > 1:
+        name += f"_kc{cell['key_conv']}"
     if cell["n_pairs"]:
         name += f"_n{cell['n_pairs']}"
     train = {k: cell[k] for k in sorted(cell) if k not in NOT_TRAINING}
@@ -288,16 +290,18 @@ def plot_capacity(rows, path, metric="em_recall"):
     rows = [dict(r, write=r.get("write") or "token") for r in rows]     # rows written before the write axis
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     writes = sorted({r["write"] for r in rows})
-    groups = sorted({(int(r["key_dim"]), r["write"]) for r in rows})
+    kc = lambda r: int(r.get("key_conv") or 1)                         # rows written before the key_conv axis
+    groups = sorted({(int(r["key_dim"]), r["write"], kc(r)) for r in rows})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
-    for (dk, write), color in zip(groups, colors):
+    for (dk, write, conv), color in zip(groups, colors):
         for update, style in (("delta", "-"), ("deltanet", "-."), ("hebbian", "--")):
-            pts = {int(r["n_pairs"]): float(r[metric] if r.get(metric, "") != "" else r["acc"])
-                   for r in rows if (int(r["key_dim"]), r["write"], r["update"]) == (dk, write, update)}
+            pts = {int(r["n_pairs"]): float(r[metric] if r.get(metric, "") != "" else r["acc"]) for r in rows
+                   if (int(r["key_dim"]), r["write"], kc(r), r["update"]) == (dk, write, conv, update)}
             if not pts:
                 continue
             ns = sorted(pts)
-            label = f"d_k={dk} {write + ' ' if len(writes) > 1 else ''}{update}"
+            label = (f"d_k={dk} {write + ' ' if len(writes) > 1 else ''}{update}"
+                     f"{f' key_conv={conv}' if conv > 1 else ''}")
             ax.plot(ns, [pts[n] for n in ns], style, marker=".", color=color, label=label)
             k = knee(ns, [pts[n] for n in ns])
             if k is not None:
@@ -372,13 +376,13 @@ def memory_trace(model, enc, ep, layer=-1):
         hook.remove()
     real = b["mask"].flatten()                                           # (W·L,) real tokens only
     x = seen[0].reshape(1, real.numel(), -1)[:, real]                    # (1, T, d)
-    k, v, beta = mem._project(x)                                         # (1, H, T, d_k|r|1)
+    k, v, beta, _ = mem._project(x)                                      # (1, H, T, d_k|r|1)
     beta = beta.expand(-1, -1, -1, cfg.rank)                             # (1, H, T, r) scalar gates too
     S = x.new_zeros(1, cfg.heads, cfg.rank, cfg.key_dim)
     states = []
     for t in range(x.size(1)):                                           # the decode path, one token a step
         _, S = delta_rule_scan(k[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], beta[:, :, t:t + 1], S,
-                               decay=cfg.update == "delta", erase=cfg.update == "delta")
+                               decay=cfg.update == "delta", erase=cfg.update != "hebbian")
         states.append(S[0])                                              # (H, r, d_k)
     lines = [line for s in ep.sessions for line in s]
     line_of = [i for i, line in enumerate(lines) for _ in enc.encode_ordinary(line + "\n")]

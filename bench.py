@@ -325,8 +325,8 @@ def answer_bench(Ts=(128, 256, 512, 1024, 2048), Q=16, Lq=16, answer_len=4, repe
 # ----------------------------------------------------------------------------------------------
 
 def decode_bench(prompt_len=32, new_tokens=32, history=256, repeats=3, device="cpu"):
-    """Greedy generation, batch 1. Both generate() loops re-run the whole sequence for every token (no
-    KV cache on either side), so the ratio isolates the memory's reads."""
+    """Greedy generation, batch 1, with the KV cache on both sides (GPT.generate): the prompt once, then
+    one token per step, so the ratio isolates the memory's reads of every new token."""
     gpt, mem = models(device)
     gpt.eval()
     mem.eval()

@@ -176,9 +176,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, **fwd):
-        """Sample (temperature > 0) or decode greedily (temperature == 0) up to max_new_tokens."""
+        """Sample (temperature > 0) or decode greedily (temperature == 0) up to max_new_tokens.
+
+        With a KV cache: the prompt runs once, then one new token per step. Once the sequence is longer
+        than block_size, each step re-runs its last block_size tokens (the cache starts again)."""
+        block, cache, feed = self.config.block_size, {}, idx[:, -self.config.block_size:]
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:], **fwd)
+            logits, _ = self(feed, cache=cache, **fwd)
             logits = logits[:, -1, :]                                    # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)                    # (B, 1)
@@ -191,6 +195,9 @@ class GPT(nn.Module):
             idx = torch.cat((idx, nxt), dim=1)
             if stop_token is not None and bool((nxt == stop_token).all()):
                 break
+            feed = nxt                                                   # (B, 1) the cache has the rest
+            if cache[0]["k"].size(2) == block:                           # full: re-run the last block
+                cache, feed = {}, idx[:, -block:]
         return idx
 
 
@@ -350,6 +357,7 @@ class MemoryConfig:
     gate_bias: float = -1.5    # b_β at init: β = sigmoid(-1.5) ≈ 0.18 everywhere
     init: str = "paper"        # B_q, B_o init: paper (0.05 x columns of W_q, W_o) | zero
     chunk_size: int = 8        # chunkwise scan's chunk (None: token loop, for reference)
+    key_conv: int = 1          # a write key sees its last key_conv tokens (1: only its own, as in the paper)
 
     def __post_init__(self):
         choices = dict(write=("token", "segment"), sides=("q", "o", "qo"), update=("delta", "deltanet", "hebbian"),
@@ -357,7 +365,7 @@ class MemoryConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
-        for name in ("key_dim", "rank", "heads"):
+        for name in ("key_dim", "rank", "heads", "key_conv"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
@@ -387,6 +395,12 @@ class DeltaMemory(nn.Module):
         self.A_q = nn.Linear(d, H * dk, bias=False)
         self.A_k = nn.Linear(d, H * dk, bias=False)
         self.A_v = nn.Linear(d, H * r, bias=False)
+        # key_conv = K > 1: k̃_t = L2norm(tanh(Σ_{j<K} w_j ∘ A_k h_{t-j})), a causal depthwise convolution
+        # over the write stream (the short convolution of DeltaNet / Mamba), w_0 = 1 and the rest 0 at
+        # init. Why: at a value token h_t may not say whose value it is; the name sits a few tokens back.
+        self.key_conv = None                                             # (K, H·d_k) weights w_j
+        if cfg.key_conv > 1:
+            self.key_conv = nn.Parameter(torch.eye(cfg.key_conv, 1).expand(-1, H * dk).clone())
         self.W_beta = nn.Linear(d, H * (r if cfg.gates == "rowwise" else 1), bias=True)
         nn.init.zeros_(self.W_beta.weight)                               # β starts the same everywhere
         nn.init.constant_(self.W_beta.bias, cfg.gate_bias)
@@ -397,6 +411,7 @@ class DeltaMemory(nn.Module):
                 nn.init.zeros_(B.weight)
         self.scale = cfg.alpha / r
         self.state = None                                                # (B, H, r, d_k) or None = 0
+        self.key_tail = None                                             # key_conv's last K-1 inputs
         self.last_beta = None                                            # mean β of the last write pass
 
     @torch.no_grad()
@@ -411,12 +426,24 @@ class DeltaMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
 
-    def _project(self, x):
-        """Write-side projections of x (B, T, d): unit keys, values and gates, split into heads."""
-        k = F.normalize(torch.tanh(self._heads(self.A_k(x), self.cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
+    def _project(self, x, real=None, tail=None):
+        """Write-side projections of x (B, T, d): unit keys, values and gates, split into heads.
+
+        With key_conv = K > 1, real (B, T) zeroes padding out of the convolution and tail (B, K-1, H·d_k)
+        holds the last key pre-activations of the previous write call (None: zeros); the new tail is
+        returned, so that windows written in separate calls give the same keys as one call."""
+        a = self.A_k(x)                                                  # (B, T, H·d_k)
+        if self.key_conv is not None:
+            K, T = self.key_conv.size(0), a.size(1)
+            if real is not None:
+                a = a * real[..., None]
+            a = torch.cat([tail if tail is not None else a.new_zeros(a.size(0), K - 1, a.size(-1)), a], 1)
+            tail = a[:, -(K - 1):]                                       # (B, K-1, H·d_k)
+            a = sum(w * a[:, K - 1 - j:K - 1 - j + T] for j, w in enumerate(self.key_conv))  # Σ_j w_j ∘ a_{t-j}
+        k = F.normalize(torch.tanh(self._heads(a, self.cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
         v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
         beta = torch.sigmoid(self._heads(self.W_beta(x), self.W_beta.out_features // self.cfg.heads))
-        return k, v, beta                                                # beta (B, H, T, r|1)
+        return k, v, beta, tail                                          # beta (B, H, T, r|1)
 
     def forward(self, h, write=False, n_windows=1, mask=None, seg=None):
         """h (N, L, d) with N = B * n_windows: window w of episode b is row b * n_windows + w.
@@ -438,8 +465,8 @@ class DeltaMemory(nn.Module):
         if not write:                                                    # read only: S stays as is
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
         elif cfg.write == "token":                                       # TSW: every token writes
-            k, v, beta = self._project(x)
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
+            k, v, beta, self.key_tail = self._project(x, real.view(B, T), self.key_tail)
             beta = beta * real                                           # padding: β = 0, a no-op
             self.last_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
             read, S = delta_rule_scan(q, k, v, beta, S, **scan)
@@ -463,8 +490,9 @@ class DeltaMemory(nn.Module):
         onehot = (seg[..., None] == torch.arange(M, device=h.device)).to(h.dtype)  # (N, L, M)
         count = onehot.sum(1)                                            # (N, M) tokens per line
         pooled = onehot.transpose(1, 2) @ h / count.clamp_min(1)[..., None]  # (N, M, d) line means
-        k, v, beta = self._project(pooled.reshape(B, W * M, d))          # (B, H, W·M, ·)
-        real = (count > 0).to(beta.dtype).reshape(B, 1, W * M, 1)
+        real = (count > 0).to(h.dtype).reshape(B, 1, W * M, 1)
+        k, v, beta, self.key_tail = self._project(pooled.reshape(B, W * M, d), real.view(B, W * M),
+                                                  self.key_tail)        # (B, H, W·M, ·)
         beta = beta * real                                               # empty lines never write
         self.last_beta = beta.sum() / (real.sum() * H * beta.size(-1))  # mean β (regulariser)
 
@@ -526,7 +554,7 @@ class DeltaMemGPT(nn.Module):
     # the state, carried across calls
     def reset_memory(self):
         for mem in self.memories.values():
-            mem.state = None
+            mem.state, mem.key_tail = None, None
 
     def memory_state(self):
         return [mem.state for mem in self.memories.values()]

@@ -39,7 +39,7 @@ DEFAULTS = dict(
     episode_preset="small",       # size of the training/evaluation episodes (data/tasks.py presets)
     # the memory (nanodeltamem.MemoryConfig)
     key_dim=8, rank=8, heads=1, write="token", sides="qo", update="delta", gates="rowwise",
-    layers="all", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8,
+    layers="all", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=1,
     # training
     max_iters=120, batch_size=16, learning_rate=1e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
@@ -117,7 +117,8 @@ def memory_config(cfg, **over):
     layers = None if cfg["layers"] == "all" else tuple(int(x) for x in str(cfg["layers"]).split(","))
     kw = dict(key_dim=cfg["key_dim"], rank=cfg["rank"], heads=cfg["heads"], write=cfg["write"],
               sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
-              gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"])
+              gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"],
+              key_conv=cfg["key_conv"])
     kw.update(over)
     try:
         return MemoryConfig(**kw)
@@ -570,7 +571,7 @@ def check_config(cfg):
         raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
                         f"{', '.join(tasks.PRESETS)}")
     whole = lambda lo: (lambda v: v >= lo, f"a whole number >= {lo}")
-    check_ranges(cfg, dict(key_dim=whole(1), rank=whole(1), heads=whole(1), chunk_size=whole(1),
+    check_ranges(cfg, dict(key_dim=whole(1), rank=whole(1), heads=whole(1), chunk_size=whole(1), key_conv=whole(1),
         budget=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
         min_lr=(lambda v: 0 <= v <= cfg["learning_rate"], "a number in [0, --learning_rate]"),
         grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"), alpha=(lambda v: v > 0, "a number > 0, e.g. 16"),

@@ -53,11 +53,13 @@ def test_cells_are_the_cartesian_product_of_the_comma_lists():
     a = AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8"]))[0]["cell"]
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--learning_rate=0.5"]))[0]["cell"] != a
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--eval_episodes=3"]))[0]["cell"] == a
+    kc = AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--key_conv=1,4"]))   # the key_conv axis
+    assert [c["key_conv"] for c in kc] == [1, 4] and kc[0]["cell"] == a and "_kc4_" in kc[1]["cell"]
 
 
 @pytest.mark.parametrize("args,msg", [(["--key_dim=2,x"], "expects a int"), (["--write=token,foo"], "--write"),
                                       (["--sides=q,z"], "sides='z'"), (["--splits=iid,nope"], "--splits"),
-                                      (["--rank=0"], "--rank must be > 0")])
+                                      (["--rank=0"], "--rank must be > 0"), (["--key_conv=2,0"], "key_conv")])
 def test_bad_cells_are_refused_before_any_work(args, msg):
     with pytest.raises(AB.UserError, match=msg):
         AB.make_cells(*AB.parse_args(args))
@@ -216,3 +218,6 @@ def test_capacity_plot_draws_one_curve_per_write_mode_and_the_1_over_n_line(tmp_
     curves = [lab for lab in labels if lab.startswith("d_k=")]
     assert sorted(curves) == sorted(f"d_k=4 {w} {u}" for w in ("token", "segment") for u in ("delta", "hebbian"))
     assert any(lab.startswith("1/N") for lab in labels)
+    conv = [dict(r, key_conv=4) for r in rows if r["write"] == "token"]     # + the same with key_conv 4
+    labels = AB.plot_capacity(rows + conv, str(tmp_path / "capacity.png"))
+    assert sum(lab.endswith("key_conv=4") for lab in labels) == 2

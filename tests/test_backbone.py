@@ -69,13 +69,17 @@ def test_tiny_model_overfits_one_batch():
     assert loss.item() < 0.1
 
 
-def test_generate_greedy_matches_argmax_loop():
+@pytest.mark.parametrize("new", [5, 40])
+def test_generate_greedy_matches_argmax_loop(new):
+    """generate decodes with a KV cache; the plain loop re-runs the last block_size tokens every step.
+    40 new tokens run past the block, where the cache has to start again."""
     model = tiny()
+    block = model.config.block_size
     start = torch.randint(0, 50, (2, 3))
-    out = model.generate(start, 5, temperature=0)
+    out = model.generate(start, new, temperature=0)
     idx = start
-    for _ in range(5):
-        idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    for _ in range(new):
+        idx = torch.cat([idx, model(idx[:, -block:])[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, idx)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanodeltamem import (GPT, GPTConfig, DeltaMemGPT, MemoryConfig, delta_rule_scan, weights_hash)
+from nanodeltamem import (GPT, GPTConfig, DeltaMemGPT, DeltaMemory, MemoryConfig, delta_rule_scan, weights_hash)
 
 
 def rand_inputs(B=2, H=2, T=37, dk=8, r=8, R=8, seed=0, dtype=torch.float32):
@@ -120,10 +120,14 @@ def test_backbone_bit_identical_and_only_memory_gets_gradients():
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"memories"}
 
 
-@pytest.mark.parametrize("write", ["token", "segment"])
-def test_streaming_windows_in_two_calls_equals_one_call(write):
+@pytest.mark.parametrize("write,key_conv", [("token", 1), ("segment", 1), ("token", 3), ("segment", 3)])
+def test_streaming_windows_in_two_calls_equals_one_call(write, key_conv):
     gpt = tiny_gpt()
-    model = DeltaMemGPT(gpt, MemoryConfig(write=write, chunk_size=4))
+    model = DeltaMemGPT(gpt, MemoryConfig(write=write, chunk_size=4, key_conv=key_conv))
+    with torch.no_grad():
+        for mem in model.memories.values():                              # a convolution that matters
+            if mem.key_conv is not None:
+                mem.key_conv.normal_()
     hist = torch.randint(0, 64, (2, 2, 13))
     seg = (torch.arange(13) // 3).expand(2, 2, 13)
     model.reset_memory()
@@ -136,6 +140,29 @@ def test_streaming_windows_in_two_calls_equals_one_call(write):
         assert torch.allclose(s1, s2, atol=1e-5)
     both = torch.stack([a.view(2, 13, -1), b.view(2, 13, -1)], 1).flatten(0, 1)
     assert torch.allclose(full, both, atol=1e-5)
+
+
+def test_key_conv_is_a_causal_convolution_of_the_key_projection():
+    """k_t = L2norm(tanh(Σ_j w_j ∘ A_k h_{t-j})), by hand; at init (w = [1, 0, 0]) it is the paper's key."""
+    torch.manual_seed(0)
+    d, T = 16, 7
+    mem = DeltaMemory(d, MemoryConfig(key_dim=4, rank=2, key_conv=3))
+    x = torch.randn(2, T, d)
+    plain = F.normalize(torch.tanh(mem.A_k(x)), dim=-1)                  # (B, T, d_k)
+    assert torch.allclose(mem._project(x)[0][:, 0], plain, atol=1e-6)
+    with torch.no_grad():
+        mem.key_conv.normal_()
+    a, w = mem.A_k(x), mem.key_conv
+    ref = torch.stack([sum(w[j] * a[:, t - j] for j in range(3) if t - j >= 0) for t in range(T)], 1)
+    k, _, _, tail = mem._project(x)
+    assert torch.allclose(k[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
+    assert torch.allclose(tail, a[:, -2:])                               # what the next call continues from
+    real = torch.ones(2, T)
+    real[:, 2] = 0                                                       # a padding token: left out
+    k_pad = mem._project(x, real)[0][:, 0]
+    ref_pad = torch.stack([sum(w[j] * a[:, t - j] for j in range(3) if t - j >= 0 and t - j != 2)
+                           for t in range(T)], 1)
+    assert torch.allclose(k_pad[:, 3:], F.normalize(torch.tanh(ref_pad), dim=-1)[:, 3:], atol=1e-6)
 
 
 def test_reads_leave_the_state_unchanged_and_padding_never_writes():
@@ -177,7 +204,7 @@ def test_segment_write_pools_lines_and_reads_state_from_before_the_window():
     S0 = mem.state.clone()
     dq, _ = mem(h, write=True, seg=seg)
     pooled = torch.stack([h[0, :2].mean(0), h[0, 2:5].mean(0)])[None]  # (1, 2, d)
-    k, v, beta = mem._project(pooled)
+    k, v, beta, _ = mem._project(pooled)
     _, S_ref = delta_rule_scan(k, k, v, beta, S0)                        # two writes, in order
     assert torch.allclose(mem.state, S_ref, atol=1e-5)
     q = F.normalize(torch.tanh(mem.A_q(h)), dim=-1)                      # (1, 6, d_k)
@@ -191,7 +218,7 @@ def test_multi_state_heads_are_independent():
     x = torch.randn(2, 11, 32)
     mem.state = None
     mem(x, write=True)
-    k, v, beta = mem._project(x)
+    k, v, beta, _ = mem._project(x)
     for hd in range(4):                                                 # each head = its own scan
         q_h = F.normalize(torch.tanh(mem.A_q(x).view(2, 11, 4, 4)[:, :, hd]), dim=-1)[:, None]
         _, S = delta_rule_scan(q_h, k[:, hd:hd + 1], v[:, hd:hd + 1], beta[:, hd:hd + 1])
@@ -265,6 +292,28 @@ def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory):
         assert not torch.allclose(full, gpt(idx)[0], atol=1e-3)         # the memory did change the logits
 
 
+def test_memory_generate_equals_the_argmax_loop_past_the_block():
+    """DeltaMemGPT.generate (KV cache, memory reads per token) picks what re-running the last block with
+    the memory attached picks, also after the sequence outgrows the block (block 32: 28 + 10 tokens)."""
+    gpt = tiny_gpt().eval()
+    model = DeltaMemGPT(gpt, MemoryConfig(chunk_size=4)).eval()
+    with torch.no_grad():
+        for mem in model.memories.values():
+            for p in mem.parameters():
+                p.normal_(0, 0.5)
+        model(torch.randint(64, (2, 2, 16)), write=True)
+        state = [s.clone() for s in model.memory_state()]
+        start = torch.randint(64, (2, 28), generator=torch.Generator().manual_seed(3))
+        out = model.generate(start, 10)
+        idx = start
+        for _ in range(10):
+            idx = torch.cat([idx, model(idx[:, -32:])[0][:, -1].argmax(-1, keepdim=True)], 1)
+        bare = gpt.generate(start, 10, temperature=0)
+    assert torch.equal(out, idx)
+    assert not torch.equal(out, bare)                                    # the reads did change the answer
+    assert all(torch.equal(a, b) for a, b in zip(model.memory_state(), state))  # reading never writes
+
+
 def test_cache_misuse_is_refused():
     gpt = tiny_gpt().eval()
     cache = {}
@@ -291,9 +340,55 @@ def test_update_switch_picks_the_scan(update, decay, erase):
     h = torch.randn(2, 11, 16)
     with torch.no_grad():
         mem(h, write=True)
-        k, v, beta = mem._project(h)
+        k, v, beta, _ = mem._project(h)
         q = F.normalize(torch.tanh(mem._heads(mem.A_q(h), 8)), dim=-1)
         states = {(d, e): delta_rule_scan(q, k, v, beta, decay=d, erase=e)[1]
                   for d, e in [(True, True), (False, True), (False, False)]}
     for (d, e), S in states.items():
         assert torch.allclose(mem.state, S, atol=1e-5) == ((d, e) == (decay, erase)), (d, e)
+
+
+def bind_toy(key_conv, steps, key_dim, V=64, d=128, N=2, B=32, seed=0):
+    """Associative recall on ideal features: the history is `name : value filler` for N random pairs,
+    h_t = [e(token_t); e(token_{t-1})], and one question reads at the name's token. At the value token
+    h_t sees ':' and the value, not the name, so only a key that looks 2 tokens back can bind them.
+    Returns recall accuracy on 512 fresh episodes after `steps` of training (deltanet, β ≈ 0.5 at init)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    E = torch.randn(2 * V + 2, d // 2, generator=g) / (d // 2) ** 0.5    # names, values, filler, ':'
+    head = torch.randn(V, d, generator=g) / d ** 0.5                     # a frozen readout over values
+    mem = DeltaMemory(d, MemoryConfig(key_dim=key_dim, update="deltanet", sides="o", gate_bias=0.0, key_conv=key_conv))
+    torch.nn.init.normal_(mem.B_o.weight, std=0.02)
+    opt = torch.optim.AdamW(mem.parameters(), lr=3e-2, weight_decay=0)
+    feats = lambda tok: torch.cat([E[tok], E[F.pad(tok, (1, 0), value=2 * V)[:, :-1]]], -1)  # (B, T, d)
+
+    def run(n):
+        names = torch.stack([torch.randperm(V, generator=g)[:N] for _ in range(n)])             # (n, N)
+        vals = V + torch.randint(V, (n, N), generator=g)
+        fill = lambda c: torch.full_like(names, c)
+        hist = torch.stack([names, fill(2 * V + 1), vals, fill(2 * V)], -1).flatten(1)  # (n, 4N)
+        ask = torch.randint(N, (n,), generator=g)
+        mem.state, mem.key_tail = None, None
+        mem(feats(hist), write=True)
+        _, do = mem(feats(names[torch.arange(n), ask][:, None]))         # (n, 1, d) read at the name
+        logits = 10 * do[:, 0] @ head.T                                  # (n, V)
+        return logits, vals[torch.arange(n), ask] - V
+
+    for _ in range(steps):
+        logits, y = run(B)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits, y = run(512)
+    return (logits.argmax(-1) == y).float().mean().item()
+
+
+def test_memory_learns_to_bind_when_its_key_sees_the_name():
+    """The memory alone can learn name -> value binding, if its key can see the name: with a 3-token key
+    convolution it recalls the asked value, without one it cannot beat picking a stored value (1/N = 0.5).
+    (One seed: 3 of seeds 0-3 reached 0.93-0.97 in these 600 steps, seed 2 stayed at 0.36; without the
+    convolution seeds 0 and 1 read 0.36 and 0.35.)"""
+    assert bind_toy(key_conv=3, steps=600, key_dim=16) > 0.8
+    assert bind_toy(key_conv=1, steps=600, key_dim=16) < 0.5
