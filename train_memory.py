@@ -225,7 +225,8 @@ def train_one(kind, name, gpt, enc, cfg, device):
             raise UserError(str(e))
         if ckpt["backbone_hash"] != model.backbone_hash or ckpt.get("train_config", {}).get("kind") != kind:
             raise UserError(f"{path} belongs to another backbone or model; delete it or use another --out_dir")
-        if ckpt["mem_config"] != asdict(model.mcfg):                   # e.g. another --rank with the same out_dir
+        saved = {**asdict(MemoryConfig()), **ckpt["mem_config"]}         # fields added since: their defaults
+        if saved != asdict(model.mcfg):                                  # e.g. another --rank with the same out_dir
             raise UserError(f"{path} holds a memory with {ckpt['mem_config']}, not {asdict(model.mcfg)}: "
                             f"delete it, use the same options, or use another --out_dir")
         model.memories.load_state_dict(ckpt["memory"])

@@ -187,6 +187,13 @@ def test_memory_checkpoint_of_other_options_is_refused(data_dir, backbone, tmp_p
     cfg8 = dict(cfg, rank=8)
     with pytest.raises(TB.UserError, match=r"memory_deltamem\.pt holds a memory with .*another --out_dir"):
         TM.train_one("deltamem", "deltamem", gpt, None, cfg8, "cpu")
+    # a checkpoint from before a config field existed (key_conv) is the same memory: reused, not refused
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["mem_config"]["key_conv"]
+    ckpt["iter_num"] = cfg["max_iters"]
+    torch.save(ckpt, path)
+    model = TM.train_one("deltamem", "deltamem", gpt, None, cfg, "cpu")
+    assert model.mcfg.key_conv == 1 and model.mcfg.rank == 4
 
 
 def test_corrupt_default_backbone_checkpoint_is_one_line(tmp_path, monkeypatch):
