@@ -357,7 +357,8 @@ def bind_toy(key_conv, steps, key_dim, V=64, d=128, N=2, B=32, seed=0):
     torch.manual_seed(seed)
     E = torch.randn(2 * V + 2, d // 2, generator=g) / (d // 2) ** 0.5    # names, values, filler, ':'
     head = torch.randn(V, d, generator=g) / d ** 0.5                     # a frozen readout over values
-    mem = DeltaMemory(d, MemoryConfig(key_dim=key_dim, update="deltanet", sides="o", gate_bias=0.0, key_conv=key_conv))
+    mem = DeltaMemory(d, MemoryConfig(key_dim=key_dim, update="deltanet", sides="o", gate_bias=0.0,
+                                      key_conv=key_conv))
     torch.nn.init.normal_(mem.B_o.weight, std=0.02)
     opt = torch.optim.AdamW(mem.parameters(), lr=3e-2, weight_decay=0)
     feats = lambda tok: torch.cat([E[tok], E[F.pad(tok, (1, 0), value=2 * V)[:, :-1]]], -1)  # (B, T, d)

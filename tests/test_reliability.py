@@ -208,6 +208,7 @@ def test_corrupt_default_backbone_checkpoint_is_one_line(tmp_path, monkeypatch):
     ("--key_dim=0", "a whole number >= 1"), ("--rank=-2", "a whole number >= 1"), ("--heads=0", ">= 1"),
     ("--chunk_size=-1", "whole number >= 1"), ("--chunk_size=0", "whole number >= 1"), ("--max_iters=-5", "must be > 0"),
     ("--batch_size=0", "must be > 0"), ("--learning_rate=0", "must be > 0"), ("--budget=0", ">= 1"),
+    ("--key_conv=0", "whole number >= 1"),
     ("--eval_episodes=0", "must be > 0"), ("--min_lr=1", "[0, --learning_rate]"),
     ("--beta_target=2", "[0, 1]"), ("--write=line", "token, segment"), ("--sides=k", "q, o, qo"),
     ("--update=oja", "delta, deltanet, hebbian"), ("--gates=vector", "rowwise, scalar"), ("--layers=0,x", "e.g. 0,2"),
