@@ -53,8 +53,8 @@ GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the d
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])
 WRITES = {"token": "token", "tsw": "token", "segment": "segment", "ssw": "segment", "msw": "msw"}
 FAMILIES = ["single_hop", "multi_hop", "update", "temporal", "abstention", "recall", "forgetting", "two_hop"]
-COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key_conv", "n_pairs", "task", "episode_preset",
-            "max_iters", "batch_size", "learning_rate", "seed", "backbone", "eval_episodes", "splits",
+COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key_conv", "n_pairs", "task",
+            "episode_preset", "max_iters", "batch_size", "learning_rate", "seed", "backbone", "eval_episodes", "splits",
             "macro_em", "acc"] + [f"em_{f}" for f in FAMILIES] +
            ["n_questions", "train_seconds", "eval_seconds", "machine"])
 NOT_TRAINING = {"out_dir", "device", "log_interval", "val_episodes", "eval_episodes", "splits", "budget",
@@ -280,9 +280,9 @@ def knee(ns, accs, frac=0.5):
 
 
 def plot_capacity(rows, path, metric="em_recall"):
-    """Recall accuracy against stored pairs N: one colour per d_k (and write mode, when several were
-    swept), solid delta, dash-dotted deltanet, dashed hebbian; o = knee. Dotted: 1/N, what a memory that returns *a* stored
-    value, not the asked one's, scores. Returns the curves' labels."""
+    """Recall accuracy against stored pairs N: one colour per d_k (and write mode, key_conv, when several
+    were swept), solid delta, dash-dotted deltanet, dashed hebbian; o = knee. Dotted: 1/N, what a memory
+    that returns *a* stored value, not the asked one's, scores. Returns the curves' labels."""
     plt = _plt()
     rows = [r for r in _rows(rows) if str(r.get("n_pairs", "0")) not in ("0", "")]
     if not rows:
@@ -382,7 +382,7 @@ def memory_trace(model, enc, ep, layer=-1):
     states = []
     for t in range(x.size(1)):                                           # the decode path, one token a step
         _, S = delta_rule_scan(k[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], beta[:, :, t:t + 1], S,
-                               decay=cfg.update == "delta", erase=cfg.update != "hebbian")
+                               **cfg.rule())
         states.append(S[0])                                              # (H, r, d_k)
     lines = [line for s in ep.sessions for line in s]
     line_of = [i for i, line in enumerate(lines) for _ in enc.encode_ordinary(line + "\n")]

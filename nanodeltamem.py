@@ -180,7 +180,8 @@ class GPT(nn.Module):
 
         With a KV cache: the prompt runs once, then one new token per step. Once the sequence is longer
         than block_size, each step re-runs its last block_size tokens (the cache starts again)."""
-        block, cache, feed = self.config.block_size, {}, idx[:, -self.config.block_size:]
+        block = self.config.block_size
+        cache, feed = {}, idx[:, -block:]                                # feed (B, ≤ block): the prompt first
         for _ in range(max_new_tokens):
             logits, _ = self(feed, cache=cache, **fwd)
             logits = logits[:, -1, :]                                    # (B, V)
@@ -360,8 +361,8 @@ class MemoryConfig:
     key_conv: int = 1          # a write key sees its last key_conv tokens (1: only its own, as in the paper)
 
     def __post_init__(self):
-        choices = dict(write=("token", "segment"), sides=("q", "o", "qo"), update=("delta", "deltanet", "hebbian"),
-                       gates=("rowwise", "scalar"), init=("paper", "zero"))
+        choices = dict(write=("token", "segment"), sides=("q", "o", "qo"),
+                       update=("delta", "deltanet", "hebbian"), gates=("rowwise", "scalar"), init=("paper", "zero"))
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
@@ -373,12 +374,16 @@ class MemoryConfig:
         if self.layers is not None:
             self.layers = tuple(self.layers)
 
+    def rule(self):
+        """The scan's switches for `update`: delta decays and erases, deltanet only erases, hebbian neither."""
+        return dict(decay=self.update == "delta", erase=self.update != "hebbian")
+
 
 class DeltaMemory(nn.Module):
     """One layer's memory. h_t (d) is the layer's attention input; per state head:
 
         q̃_t = L2norm(tanh(A_q h_t))  (d_k)     read query
-        k̃_t = L2norm(tanh(A_k h_t))  (d_k)     write key
+        k̃_t = L2norm(tanh(A_k h_t))  (d_k)     write key (key_conv = K > 1: Σ_{j<K} w_j ∘ A_k h_{t-j} inside)
         v_t = A_v h_t                (r)       value
         β_t = sigmoid(W_β h_t + b_β)  (r or 1)  write strength per state row
         read_t = S_{t-1} q̃_t, then S_t = diag(1-β_t) S_{t-1} + diag(β_t)(v_t - S_{t-1} k̃_t) k̃_tᵀ
@@ -411,7 +416,7 @@ class DeltaMemory(nn.Module):
                 nn.init.zeros_(B.weight)
         self.scale = cfg.alpha / r
         self.state = None                                                # (B, H, r, d_k) or None = 0
-        self.key_tail = None                                             # key_conv's last K-1 inputs
+        self.key_tail = None                                             # (B, K-1, H·d_k) key_conv's last inputs
         self.last_beta = None                                            # mean β of the last write pass
 
     @torch.no_grad()
@@ -461,7 +466,7 @@ class DeltaMemory(nn.Module):
         S = self.state
         if S is None:
             S = x.new_zeros(B, cfg.heads, cfg.rank, cfg.key_dim, dtype=torch.float32)
-        scan = dict(chunk_size=cfg.chunk_size, decay=cfg.update == "delta", erase=cfg.update != "hebbian")
+        scan = dict(chunk_size=cfg.chunk_size, **cfg.rule())
         if not write:                                                    # read only: S stays as is
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
         elif cfg.write == "token":                                       # TSW: every token writes

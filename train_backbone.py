@@ -180,6 +180,11 @@ def normalize_answer(s):
 
 
 @torch.no_grad()
+def model_logits(model, device):
+    """greedy_answers' logits_fn for a model that needs no per-row state: its logits (b, T, V) on the CPU."""
+    return lambda idx, rows, cache: model(idx.to(device), cache=cache)[0].float().cpu()
+
+
 def greedy_answers(logits_fn, prompts, enc, max_new_tokens=6, batch_size=64):
     """Greedy-decode an answer for every prompt (a list of token lists), stopping at a newline.
 
@@ -226,8 +231,7 @@ def context_exact_match(model, enc, episodes, with_history, device="cpu", max_ne
             prompts.append((hist + tasks.question_prompt(enc, q))[-block:])
             gold.append(q.a)
             fams.append(q.family)
-    fn = lambda idx, rows, cache: model(idx.to(device), cache=cache)[0].float().cpu()
-    preds = greedy_answers(fn, prompts, enc, max_new_tokens)
+    preds = greedy_answers(model_logits(model, device), prompts, enc, max_new_tokens)
     return score(preds, gold, fams)
 
 

@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
                           IGNORE_INDEX)
-from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, normalize_answer,
-                            check_positive, check_ranges, check_device, score)
+from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, model_logits,
+                            normalize_answer, check_positive, check_ranges, check_device, score)
 import train_backbone
 
 DEFAULTS = dict(
@@ -376,13 +376,13 @@ def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
             hist.append(max(0, len(prompts[-1]) - len(ask)))             # history tokens actually kept
     hist_tokens = float(np.mean(hist))
     if model is None:
-        fn = lambda idx, rows, cache: gpt(idx.to(device), cache=cache)[0].float().cpu()
+        fn = model_logits(gpt, device)
     else:
-        states = write_states(model, enc, episodes, device)
+        states, read = write_states(model, enc, episodes, device), model_logits(model, device)
         def fn(idx, rows, cache):
             ids = torch.tensor([owner[r] for r in rows], device=device)
             model.set_memory_state([s[ids] for s in states])
-            return model(idx.to(device), cache=cache)[0].float().cpu()
+            return read(idx, rows, cache)
     return greedy_answers(fn, prompts, enc, new_tokens), hist_tokens
 
 
@@ -572,8 +572,8 @@ def check_config(cfg):
         raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
                         f"{', '.join(tasks.PRESETS)}")
     whole = lambda lo: (lambda v: v >= lo, f"a whole number >= {lo}")
-    check_ranges(cfg, dict(key_dim=whole(1), rank=whole(1), heads=whole(1), chunk_size=whole(1), key_conv=whole(1),
-        budget=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
+    check_ranges(cfg, dict(key_dim=whole(1), rank=whole(1), heads=whole(1), chunk_size=whole(1),
+        key_conv=whole(1), budget=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
         min_lr=(lambda v: 0 <= v <= cfg["learning_rate"], "a number in [0, --learning_rate]"),
         grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"), alpha=(lambda v: v > 0, "a number > 0, e.g. 16"),
         beta_target=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),
@@ -716,11 +716,11 @@ def demo_answers(enc, gpt, model, states, ep, questions, device, new_tokens=DEMO
         if len(a) > block:
             raise UserError(f"question {q[:40]!r} is {len(a)} tokens, the backbone reads at most {block}: shorten it")
     hist = enc.encode_ordinary(tasks.render_history(ep))
-    bare = lambda idx, rows, cache: gpt(idx.to(device), cache=cache)[0].float().cpu()
+    bare, read = model_logits(gpt, device), model_logits(model, device)
 
     def with_memory(idx, rows, cache):                                   # every row reads the one written state
         model.set_memory_state([s[[0] * len(rows)] for s in states])
-        return model(idx.to(device), cache=cache)[0].float().cpu()
+        return read(idx, rows, cache)
     none = greedy_answers(bare, asks, enc, new_tokens)
     mem = greedy_answers(with_memory, asks, enc, new_tokens)
     full = greedy_answers(bare, [(hist + a)[-block:] for a in asks], enc, new_tokens)  # oldest history cut first
