@@ -47,7 +47,8 @@ DEFAULTS = dict(
     plots=False,                  # only redraw the pictures from existing CSVs
     results="",                   # a train_memory.py results.json: draw its per-family bars
 )
-PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt")}
+PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt"),
+           "cpu_long": dict(TM.PRESETS["cpu_long"], out_dir="out-long-ablate")}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])

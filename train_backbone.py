@@ -43,6 +43,7 @@ DEFAULTS = dict(
 )
 PRESETS = {
     "cpu": dict(),                                               # the defaults above
+    "cpu_long": dict(max_iters=3000, out_dir="out-long"),        # 2x the steps: binds better (train_memory's cpu_long)
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=64, max_iters=3000,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20,
                 out_dir="out-gpu"),                              # where train_memory.py --preset=gpu looks

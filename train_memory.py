@@ -55,6 +55,10 @@ DEFAULTS = dict(
 )
 PRESETS = {
     "cpu": dict(),
+    # ~1 hour on a 2-core CPU: the 3000-step backbone and the recipe that makes a memory bind there
+    # (a key that sees the name, no forgetting, two middle layers; README, *What makes a memory bind*)
+    "cpu_long": dict(backbone="out-long/backbone.pt", out_dir="out-long", max_iters=1500, update="deltanet",
+                     key_conv=4, layers="1,2", learning_rate=3e-2, gate_bias=0.0),
     "gpu": dict(batch_size=32, max_iters=2000, eval_episodes=200, val_episodes=256, chunk_size=64,
                 backbone="out-gpu/backbone.pt", out_dir="out-gpu"),  # chunk 64: few sequential steps
 }

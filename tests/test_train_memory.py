@@ -181,3 +181,16 @@ def test_condition_names_say_the_variant():
     assert name() == "deltamem" and name(write="segment") == "deltamem_ssw" and name(heads=4) == "deltamem_msw4"
     assert name(sides="o") == "deltamem_o" and name(update="hebbian") == "hebbian"
     assert name(update="deltanet") == "deltamem_deltanet" and name(write="segment", update="deltanet") == "deltamem_ssw_deltanet"
+
+
+def test_every_preset_finds_its_backbone_where_train_backbone_writes_it():
+    import ablate
+    import train_backbone as TB
+    assert set(TM.PRESETS) == set(TB.PRESETS) == set(ablate.PRESETS)
+    for name in TM.PRESETS:
+        mem = TB.parse_config([f"--preset={name}"], TM.DEFAULTS, TM.PRESETS)
+        bb = TB.parse_config([f"--preset={name}"], TB.DEFAULTS, TB.PRESETS)
+        assert mem["backbone"] == f"{bb['out_dir']}/backbone.pt"
+        assert TB.parse_config([f"--preset={name}"], ablate.DEFAULTS, ablate.PRESETS)["backbone"] == mem["backbone"]
+    long = TB.parse_config(["--preset=cpu_long"], TM.DEFAULTS, TM.PRESETS)
+    assert TM.condition_name(long) == "deltamem_deltanet" and TM.memory_config(long).key_conv == 4
