@@ -2,6 +2,7 @@
 Freeze the backbone, attach δ-mem, train only the memory, and judge it against every baseline.
 
     python train_memory.py                        # the main job: data, backbone, memories, results
+    python train_memory.py --preset=cpu_long      # ~1 hour on a CPU: a backbone and memory that bind
     python train_memory.py --write=segment --heads=4 --out_dir=out-msw
     python train_memory.py --eval_only --memory=out/memory_deltamem.pt --episodes=my.jsonl
     python train_memory.py --demo=my_sessions.txt   # your own chat; questions after a line ---, or typed
