@@ -194,7 +194,6 @@ def sweep(cells, enc, gpt, device, csv_path):
     for n, cfg in enumerate(todo):
         cell_dir = os.path.join(cfg["out_dir"], "cells", cfg["cell"])
         os.makedirs(cell_dir, exist_ok=True)
-        torch.manual_seed(cfg["seed"])                                   # the same init whatever the order
         t0 = time.time()
         model = TM.train_one(TM.memory_kind(cfg), TM.condition_name(cfg), gpt, enc, dict(cfg, out_dir=cell_dir),
                              device)

@@ -217,7 +217,8 @@ class CorpusRows:
 def train_one(kind, name, gpt, enc, cfg, device):
     """Train one memory (or the LoRA baseline); resumes from / reuses <out_dir>/memory_<name>.pt."""
     from data import tasks
-    model = build(kind, gpt, cfg).to(device)
+    torch.manual_seed(cfg["seed"])                                       # the same init whatever ran before
+    model = build(kind, gpt, cfg).to(device)                             # (a backbone trained, other memories)
     step = torch.compile(model) if cfg["compile"] else model             # runs the steps; saves use model
     path = os.path.join(cfg["out_dir"], f"memory_{name}.pt")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -194,3 +194,19 @@ def test_every_preset_finds_its_backbone_where_train_backbone_writes_it():
         assert TB.parse_config([f"--preset={name}"], ablate.DEFAULTS, ablate.PRESETS)["backbone"] == mem["backbone"]
     long = TB.parse_config(["--preset=cpu_long"], TM.DEFAULTS, TM.PRESETS)
     assert TM.condition_name(long) == "deltamem_deltanet" and TM.memory_config(long).key_conv == 4
+
+
+def test_a_memory_starts_from_the_same_init_whatever_ran_before(enc, gpt, tmp_path):
+    """The main job trains the backbone in the same process when it is missing: a memory trained then
+    must equal one trained on the loaded backbone (and a baseline must not depend on the memory before it)."""
+    cfg = dict(TM.DEFAULTS, max_iters=1, batch_size=2, log_interval=1, val_episodes=1, warmup_iters=1, general_reg=0)
+    trained = []
+    for run, draws in enumerate((0, 1000)):
+        torch.manual_seed(0)
+        torch.rand(draws)                                                # e.g. a backbone's training before
+        out = tmp_path / str(run)
+        out.mkdir()
+        model = TM.train_one("deltamem", "deltamem", gpt, enc, dict(cfg, out_dir=str(out)), "cpu")
+        trained.append(model.memories.state_dict())
+    for name, value in trained[0].items():
+        assert torch.equal(value, trained[1][name]), name
