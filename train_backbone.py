@@ -180,12 +180,12 @@ def normalize_answer(s):
     return s.strip().strip(".!?,;:").strip().lower()
 
 
-@torch.no_grad()
 def model_logits(model, device):
     """greedy_answers' logits_fn for a model that needs no per-row state: its logits (b, T, V) on the CPU."""
     return lambda idx, rows, cache: model(idx.to(device), cache=cache)[0].float().cpu()
 
 
+@torch.no_grad()
 def greedy_answers(logits_fn, prompts, enc, max_new_tokens=6, batch_size=64):
     """Greedy-decode an answer for every prompt (a list of token lists), stopping at a newline.
 
