@@ -371,7 +371,7 @@ def memory_trace(model, enc, ep, layer=-1):
     hook = mem.register_forward_pre_hook(lambda m, args: seen.append(args[0]) if args[1] else None)
     try:
         model.reset_memory()
-        model(b["hist"], write=True, mask=b["mask"], seg=b["seg"])
+        model(b["hist"], write=True, mask=b["mask"], seg=b["seg"], logits=False)
     finally:
         hook.remove()
     real = b["mask"].flatten()                                           # (W·L,) real tokens only

@@ -290,7 +290,7 @@ def answer_bench(Ts=(128, 256, 512, 1024, 2048), Q=16, Lq=16, answer_len=4, repe
         @torch.no_grad()
         def write():                                                     # once per history
             mem.reset_memory()
-            mem(windows, write=True, mask=mask)
+            mem(windows, write=True, mask=mask, logits=False)
 
         write()
         states = [s.expand(Q, -1, -1, -1) for s in mem.memory_state()]  # every question reads the same S
@@ -334,7 +334,7 @@ def decode_bench(prompt_len=32, new_tokens=32, history=256, repeats=3, device="c
     prompt = torch.randint(gpt.config.vocab_size, (1, prompt_len), generator=g).to(device)
     with torch.no_grad():                                                # a non-zero state to read
         mem.reset_memory()
-        mem(torch.randint(gpt.config.vocab_size, (1, 1, history), generator=g).to(device), write=True)
+        mem(torch.randint(gpt.config.vocab_size, (1, 1, history), generator=g).to(device), write=True, logits=False)
     bare = lambda: gpt.generate(prompt, new_tokens, temperature=0)
     with_memory = lambda: mem.generate(prompt, new_tokens)
     row = ratio_row("with_memory", with_memory, "bare", bare, repeats, device)

@@ -568,22 +568,41 @@ class DeltaMemGPT(nn.Module):
         for mem, s in zip(self.memories.values(), states):
             mem.state = s
 
-    def forward(self, idx, targets=None, write=False, mask=None, seg=None, cache=None):
+    def forward(self, idx, targets=None, write=False, mask=None, seg=None, cache=None, logits=True):
         """idx (B, T) or (B, W, L): W windows per row, one memory stream per row.
 
         write=True streams the windows through the memory (each token, or each line with SSW,
         writes); write=False only reads the current state (questions). cache: the backbone's decoding
         cache (GPT.forward); reads need no cache of their own, each token reads S by itself.
+        logits=False (with write=True): only write, return (None, None); what training's write pass runs.
         """
         if write and cache is not None:
             raise ValueError("writes stream whole windows: decode with a cache only when reading (write=False)")
         n_windows = idx.size(1) if idx.dim() == 3 else 1
         flat = lambda t: t.flatten(0, 1) if t is not None and t.dim() == 3 else t
         idx, targets, mask, seg = flat(idx), flat(targets), flat(mask), flat(seg)
+        if write and not logits:
+            return self._write_only(idx, n_windows, mask, seg)
         mems = [None] * self.gpt.config.n_layer
         for i, mem in self.memories.items():
             mems[int(i)] = lambda h, mem=mem: mem(h, write, n_windows, mask, seg)
         return self.gpt(idx, targets, mems=mems, cache=cache)
+
+    def _write_only(self, idx, n_windows, mask, seg):
+        """forward(write=True, logits=False): the same states, for less work. Nothing of the history's own
+        forward pass is used but the states, and no layer above the last memory writes, so the backbone
+        stops at that layer's attention input: its attention, the layers above and the vocabulary head
+        are skipped (in the defaults, a quarter of the layers and the head; a test checks the states)."""
+        gpt, last = self.gpt, max(int(i) for i in self.memories)
+        if idx.size(1) > gpt.config.block_size:
+            raise ValueError(f"window of {idx.size(1)} tokens is longer than block_size={gpt.config.block_size}")
+        x = gpt.drop(gpt.wte(idx) + gpt.wpe(torch.arange(idx.size(1), device=idx.device)))  # (N, L, C)
+        for i, block in enumerate(gpt.blocks[:last + 1]):
+            mem = self.memories[str(i)] if str(i) in self.memories else None
+            if i == last:
+                mem(block.ln_1(x), True, n_windows, mask, seg)           # the last write: nothing above reads it
+                return None, None
+            x = block(x, (lambda h, mem=mem: mem(h, True, n_windows, mask, seg)) if mem is not None else None)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, stop_token=None):

@@ -100,7 +100,7 @@ class LoRAGPT(DeltaMemGPT):
     def memory_state(self):
         return []
 
-    def forward(self, idx, targets=None, write=False, mask=None, seg=None, cache=None):
+    def forward(self, idx, targets=None, write=False, mask=None, seg=None, cache=None, logits=True):
         if write:
             return None, None                                            # a LoRA has no memory to write
         return super().forward(idx, targets, cache=cache)
@@ -190,7 +190,8 @@ def episode_loss(model, batch, cfg, device, general=None):
     loss (x general_reg) teaches the memory to stay quiet on text that is not about its history.
     """
     model.reset_memory()
-    model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device))
+    model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device),
+          logits=False)
     _, loss = model(batch["qx"].to(device), batch["qy"].to(device))
     b = beta_mean(model)
     if b is not None:
@@ -310,7 +311,8 @@ def answer_accuracy(model, enc, episodes, cfg, device):
     model.eval()
     batch = tasks.collate_episodes(enc, episodes, model.gpt.config.block_size, enc.eot_token, cfg["read_window"])
     model.reset_memory()
-    model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device))
+    model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device),
+          logits=False)
     logits, _ = model(batch["qx"].to(device))
     y = batch["qy"].flatten(0, 1).to(device)                            # (B·Q, Lq)
     ok = (logits.argmax(-1) == y) | (y == IGNORE_INDEX)
@@ -358,7 +360,7 @@ def write_states(model, enc, episodes, device, chunk=32):
     for s in range(0, len(episodes), chunk):
         b = tasks.collate_episodes(enc, episodes[s:s + chunk], model.gpt.config.block_size, enc.eot_token)
         model.reset_memory()
-        model(b["hist"].to(device), write=True, mask=b["mask"].to(device), seg=b["seg"].to(device))
+        model(b["hist"].to(device), write=True, mask=b["mask"].to(device), seg=b["seg"].to(device), logits=False)
         states = model.memory_state()
         per_layer = states if per_layer is None else [torch.cat([a, x]) for a, x in zip(per_layer, states)]
     return per_layer

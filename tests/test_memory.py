@@ -120,6 +120,32 @@ def test_backbone_bit_identical_and_only_memory_gets_gradients():
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"memories"}
 
 
+@pytest.mark.parametrize("layers,write", [(None, "token"), ((0, 2), "token"), ((1,), "segment")])
+def test_write_only_pass_gives_the_full_passes_states_and_gradients(layers, write):
+    """logits=False stops the backbone at the last memory layer: the same states, the same gradients."""
+    gpt = tiny_gpt(n_layer=4)
+    model = DeltaMemGPT(gpt, MemoryConfig(key_dim=4, rank=4, layers=layers, write=write, key_conv=2))
+    hist, qs = torch.randint(0, 64, (2, 3, 12)), torch.randint(0, 64, (2, 2, 8))
+    mask = torch.ones(2, 3, 12, dtype=torch.bool)
+    mask[0, 1, 7:] = False                                               # some padding
+    seg = torch.where(mask, (torch.arange(12) // 4).expand(2, 3, 12), -1)
+    params = list(model.memories.parameters())
+    runs = []
+    for logits in (True, False):
+        model.reset_memory()
+        out = model(hist, write=True, mask=mask, seg=seg, logits=logits)
+        assert (out[0] is None) == (not logits)
+        states = model.memory_state()
+        loss = model(qs, qs)[1] + sum(s.square().sum() for s in states)  # reads and states both count
+        runs.append((states, torch.autograd.grad(loss, params)))
+    (s1, g1), (s2, g2) = runs
+    assert len(s1) == len(model.memories)
+    for a, b in zip(s1, s2):
+        assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("write,key_conv", [("token", 1), ("segment", 1), ("token", 3), ("segment", 3)])
 def test_streaming_windows_in_two_calls_equals_one_call(write, key_conv):
     gpt = tiny_gpt()
