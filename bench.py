@@ -73,17 +73,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def best_time(fn, repeats, device):
-    """Best wall time of fn() over `repeats` runs, after one warm-up run (seconds)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
+def best_times(fns, repeats, device):
+    """Best wall time (seconds) of each fn() over `repeats` rounds, after one warm-up round. The fns take
+    turns within a round, so a slow spell of a shared machine hits both sides of a ratio alike."""
+    for fn in fns:
         fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - t)
     return best
+
+
+def best_time(fn, repeats, device):
+    return best_times([fn], repeats, device)[0]
 
 
 @contextlib.contextmanager
@@ -132,8 +139,9 @@ def peak_mib(fn, device):
 def ratio_row(name_a, fn_a, name_b, fn_b, repeats, device, memory=True):
     """Time (ms) and peak memory (MiB) of two calls; `ratio` = time a / time b."""
     row = {}
-    for name, fn in ((name_a, fn_a), (name_b, fn_b)):
-        row[f"{name}_ms"] = 1000 * best_time(fn, repeats, device)
+    times = best_times([fn_a, fn_b], repeats, device)
+    for name, fn, t in ((name_a, fn_a, times[0]), (name_b, fn_b, times[1])):
+        row[f"{name}_ms"] = 1000 * t
         row[f"{name}_peak_mib"] = peak_mib(fn, device) if memory else None
     row["ratio"] = row[f"{name_a}_ms"] / row[f"{name_b}_ms"]
     return row
