@@ -401,7 +401,7 @@ class DeltaMemory(nn.Module):
         self.A_k = nn.Linear(d, H * dk, bias=False)
         self.A_v = nn.Linear(d, H * r, bias=False)
         # key_conv = K > 1: k̃_t = L2norm(tanh(Σ_{j<K} w_j ∘ A_k h_{t-j})), a causal depthwise convolution
-        # over the write stream (the short convolution of DeltaNet / Mamba), w_0 = 1 and the rest 0 at
+        # inside each window (the short convolution of DeltaNet / Mamba), w_0 = 1 and the rest 0 at
         # init. Why: at a value token h_t may not say whose value it is; the name sits a few tokens back.
         self.key_conv = None                                             # (K, H·d_k) weights w_j
         if cfg.key_conv > 1:
@@ -416,7 +416,6 @@ class DeltaMemory(nn.Module):
                 nn.init.zeros_(B.weight)
         self.scale = cfg.alpha / r
         self.state = None                                                # (B, H, r, d_k) or None = 0
-        self.key_tail = None                                             # (B, K-1, H·d_k) key_conv's last inputs
         self.last_beta = None                                            # mean β of the last write pass
 
     @torch.no_grad()
@@ -431,24 +430,23 @@ class DeltaMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
 
-    def _project(self, x, real=None, tail=None):
-        """Write-side projections of x (B, T, d): unit keys, values and gates, split into heads.
+    def _project(self, x, n_windows=1):
+        """Write-side projections of x (B, T, d), T = n_windows windows of equal (padded) length: unit
+        keys, values and gates, split into heads.
 
-        With key_conv = K > 1, real (B, T) zeroes padding out of the convolution and tail (B, K-1, H·d_k)
-        holds the last key pre-activations of the previous write call (None: zeros); the new tail is
-        returned, so that windows written in separate calls give the same keys as one call."""
+        With key_conv = K > 1 the convolution restarts in every window (K-1 zeros before its first
+        token), and padding only ever follows a window's real tokens: so a key depends on its own window
+        alone, never on how much padding the other episodes of a batch gave the window before it."""
         a = self.A_k(x)                                                  # (B, T, H·d_k)
         if self.key_conv is not None:
-            K, T = self.key_conv.size(0), a.size(1)
-            if real is not None:
-                a = a * real[..., None]
-            a = torch.cat([tail if tail is not None else a.new_zeros(a.size(0), K - 1, a.size(-1)), a], 1)
-            tail = a[:, -(K - 1):]                                       # (B, K-1, H·d_k)
-            a = sum(w * a[:, K - 1 - j:K - 1 - j + T] for j, w in enumerate(self.key_conv))  # Σ_j w_j ∘ a_{t-j}
+            K, (B, T, E) = self.key_conv.size(0), a.shape
+            L = T // n_windows
+            a = F.pad(a.reshape(B * n_windows, L, E), (0, 0, K - 1, 0))  # (B·W, K-1+L, H·d_k)
+            a = sum(w * a[:, K - 1 - j:K - 1 - j + L] for j, w in enumerate(self.key_conv)).reshape(B, T, E)
         k = F.normalize(torch.tanh(self._heads(a, self.cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
         v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
         beta = torch.sigmoid(self._heads(self.W_beta(x), self.W_beta.out_features // self.cfg.heads))
-        return k, v, beta, tail                                          # beta (B, H, T, r|1)
+        return k, v, beta                                                # beta (B, H, T, r|1)
 
     def forward(self, h, write=False, n_windows=1, mask=None, seg=None):
         """h (N, L, d) with N = B * n_windows: window w of episode b is row b * n_windows + w.
@@ -471,7 +469,7 @@ class DeltaMemory(nn.Module):
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
         elif cfg.write == "token":                                       # TSW: every token writes
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
-            k, v, beta, self.key_tail = self._project(x, real.view(B, T), self.key_tail)
+            k, v, beta = self._project(x, n_windows)
             beta = beta * real                                           # padding: β = 0, a no-op
             self.last_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
             read, S = delta_rule_scan(q, k, v, beta, S, **scan)
@@ -496,8 +494,7 @@ class DeltaMemory(nn.Module):
         count = onehot.sum(1)                                            # (N, M) tokens per line
         pooled = onehot.transpose(1, 2) @ h / count.clamp_min(1)[..., None]  # (N, M, d) line means
         real = (count > 0).to(h.dtype).reshape(B, 1, W * M, 1)
-        k, v, beta, self.key_tail = self._project(pooled.reshape(B, W * M, d), real.view(B, W * M),
-                                                  self.key_tail)        # (B, H, W·M, ·)
+        k, v, beta = self._project(pooled.reshape(B, W * M, d), W)      # (B, H, W·M, ·)
         beta = beta * real                                               # empty lines never write
         self.last_beta = beta.sum() / (real.sum() * H * beta.size(-1))  # mean β (regulariser)
 
@@ -559,7 +556,7 @@ class DeltaMemGPT(nn.Module):
     # the state, carried across calls
     def reset_memory(self):
         for mem in self.memories.values():
-            mem.state, mem.key_tail = None, None
+            mem.state = None
 
     def memory_state(self):
         return [mem.state for mem in self.memories.values()]

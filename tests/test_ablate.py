@@ -182,12 +182,15 @@ def test_training_curves_from_checkpoint_histories(tmp_path):
     assert_png(tmp_path / "training.png")
 
 
-@pytest.mark.parametrize("over", [dict(), dict(update="hebbian"), dict(heads=2, rank=4), dict(gates="scalar")])
+@pytest.mark.parametrize("over", [dict(), dict(update="hebbian"), dict(heads=2, rank=4), dict(gates="scalar"),
+                                  dict(key_conv=3, update="hebbian")])  # hebbian: no decay hides a wrong key
 def test_memory_trace_replays_to_the_models_own_state(enc, gpt, tmp_path, over):
     torch.manual_seed(1)
     model = DeltaMemGPT(gpt, TM.memory_config(dict(TM.DEFAULTS, key_dim=4, **over)))
     for mem in model.memories.values():                                  # gates that differ per token
         torch.nn.init.normal_(mem.W_beta.weight, std=0.5)
+        if mem.key_conv is not None:                                     # a convolution that matters
+            torch.nn.init.normal_(mem.key_conv)
     ep = tasks.make_recall(np.random.default_rng(3), "tiny", "iid")
     trace = AB.memory_trace(model, enc, ep, layer=0)
     T = len(trace["tokens"])

@@ -146,6 +146,31 @@ def test_write_only_pass_gives_the_full_passes_states_and_gradients(layers, writ
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("write", ["token", "segment"])
+def test_an_episodes_state_does_not_depend_on_the_others_in_its_batch(write):
+    """Windows are padded to the longest in the batch; padding must change nothing, also for a key that
+    looks back (key_conv > 1): the same episode, written alone or next to a longer one, same state."""
+    gpt = tiny_gpt()
+    model = DeltaMemGPT(gpt, MemoryConfig(write=write, chunk_size=4, key_conv=3))
+    with torch.no_grad():
+        for mem in model.memories.values():
+            mem.key_conv.normal_()
+    g = torch.Generator().manual_seed(1)
+    ep, longer = torch.randint(0, 64, (1, 2, 10), generator=g), torch.randint(0, 64, (1, 2, 16), generator=g)
+    lines = lambda L: (torch.arange(L) // 3).expand(1, 2, L)
+    model.reset_memory()
+    model(ep, write=True, seg=lines(10), logits=False)
+    alone = model.memory_state()
+    batch = torch.cat([F.pad(ep, (0, 6)), longer])                      # (2, 2, 16): ep padded
+    mask = torch.ones(2, 2, 16, dtype=torch.bool)
+    mask[0, :, 10:] = False
+    seg = torch.where(mask, torch.cat([lines(16)] * 2), -1)
+    model.reset_memory()
+    model(batch, write=True, mask=mask, seg=seg, logits=False)
+    for a, b in zip(alone, model.memory_state()):
+        assert torch.allclose(a[0], b[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("write,key_conv", [("token", 1), ("segment", 1), ("token", 3), ("segment", 3)])
 def test_streaming_windows_in_two_calls_equals_one_call(write, key_conv):
     gpt = tiny_gpt()
@@ -169,9 +194,10 @@ def test_streaming_windows_in_two_calls_equals_one_call(write, key_conv):
 
 
 def test_key_conv_is_a_causal_convolution_of_the_key_projection():
-    """k_t = L2norm(tanh(Σ_j w_j ∘ A_k h_{t-j})), by hand; at init (w = [1, 0, 0]) it is the paper's key."""
+    """k_t = L2norm(tanh(Σ_j w_j ∘ A_k h_{t-j})) over the tokens of t's own window, by hand; at init
+    (w = [1, 0, 0]) it is the paper's key."""
     torch.manual_seed(0)
-    d, T = 16, 7
+    d, T = 16, 8
     mem = DeltaMemory(d, MemoryConfig(key_dim=4, rank=2, key_conv=3))
     x = torch.randn(2, T, d)
     plain = F.normalize(torch.tanh(mem.A_k(x)), dim=-1)                  # (B, T, d_k)
@@ -179,16 +205,11 @@ def test_key_conv_is_a_causal_convolution_of_the_key_projection():
     with torch.no_grad():
         mem.key_conv.normal_()
     a, w = mem.A_k(x), mem.key_conv
-    ref = torch.stack([sum(w[j] * a[:, t - j] for j in range(3) if t - j >= 0) for t in range(T)], 1)
-    k, _, _, tail = mem._project(x)
-    assert torch.allclose(k[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
-    assert torch.allclose(tail, a[:, -2:])                               # what the next call continues from
-    real = torch.ones(2, T)
-    real[:, 2] = 0                                                       # a padding token: left out
-    k_pad = mem._project(x, real)[0][:, 0]
-    ref_pad = torch.stack([sum(w[j] * a[:, t - j] for j in range(3) if t - j >= 0 and t - j != 2)
-                           for t in range(T)], 1)
-    assert torch.allclose(k_pad[:, 3:], F.normalize(torch.tanh(ref_pad), dim=-1)[:, 3:], atol=1e-6)
+    for n_windows in (1, 2):                                             # 2: windows of 4, t = 4 starts anew
+        L = T // n_windows
+        ref = torch.stack([sum(w[j] * a[:, t - j] for j in range(3) if t - j >= t // L * L) for t in range(T)], 1)
+        k = mem._project(x, n_windows)[0]
+        assert torch.allclose(k[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6), n_windows
 
 
 def test_reads_leave_the_state_unchanged_and_padding_never_writes():
@@ -230,7 +251,7 @@ def test_segment_write_pools_lines_and_reads_state_from_before_the_window():
     S0 = mem.state.clone()
     dq, _ = mem(h, write=True, seg=seg)
     pooled = torch.stack([h[0, :2].mean(0), h[0, 2:5].mean(0)])[None]  # (1, 2, d)
-    k, v, beta, _ = mem._project(pooled)
+    k, v, beta = mem._project(pooled)
     _, S_ref = delta_rule_scan(k, k, v, beta, S0)                        # two writes, in order
     assert torch.allclose(mem.state, S_ref, atol=1e-5)
     q = F.normalize(torch.tanh(mem.A_q(h)), dim=-1)                      # (1, 6, d_k)
@@ -244,7 +265,7 @@ def test_multi_state_heads_are_independent():
     x = torch.randn(2, 11, 32)
     mem.state = None
     mem(x, write=True)
-    k, v, beta, _ = mem._project(x)
+    k, v, beta = mem._project(x)
     for hd in range(4):                                                 # each head = its own scan
         q_h = F.normalize(torch.tanh(mem.A_q(x).view(2, 11, 4, 4)[:, :, hd]), dim=-1)[:, None]
         _, S = delta_rule_scan(q_h, k[:, hd:hd + 1], v[:, hd:hd + 1], beta[:, hd:hd + 1])
@@ -366,7 +387,7 @@ def test_update_switch_picks_the_scan(update, decay, erase):
     h = torch.randn(2, 11, 16)
     with torch.no_grad():
         mem(h, write=True)
-        k, v, beta, _ = mem._project(h)
+        k, v, beta = mem._project(h)
         q = F.normalize(torch.tanh(mem._heads(mem.A_q(h), 8)), dim=-1)
         states = {(d, e): delta_rule_scan(q, k, v, beta, decay=d, erase=e)[1]
                   for d, e in [(True, True), (False, True), (False, False)]}
@@ -395,7 +416,7 @@ def bind_toy(key_conv, steps, key_dim, V=64, d=128, N=2, B=32, seed=0):
         fill = lambda c: torch.full_like(names, c)
         hist = torch.stack([names, fill(2 * V + 1), vals, fill(2 * V)], -1).flatten(1)  # (n, 4N)
         ask = torch.randint(N, (n,), generator=g)
-        mem.state, mem.key_tail = None, None
+        mem.state = None
         mem(feats(hist), write=True)
         _, do = mem(feats(names[torch.arange(n), ask][:, None]))         # (n, 1, d) read at the name
         logits = 10 * do[:, 0] @ head.T                                  # (n, V)
