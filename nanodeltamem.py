@@ -151,6 +151,14 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def embed(self, idx, past=0):
+        """Token + position embeddings of idx (B, T), whose first token sits at position `past`."""
+        T = idx.size(1)
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
+        pos = torch.arange(past, past + T, device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))                  # (B, T, C)
+
     def forward(self, idx, targets=None, mems=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, V); loss if targets (B, T) are given.
 
@@ -158,12 +166,7 @@ class GPT(nn.Module):
         cache: None, or a dict (start with {}) that keeps every layer's keys and values: idx is then
         the prompt on the first call and one new token, at the next position, on each later call.
         """
-        B, T = idx.shape
-        past = cache[0]["k"].size(2) if cache else 0                     # tokens already in the cache
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}")
-        pos = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, C)
+        x = self.embed(idx, past=cache[0]["k"].size(2) if cache else 0)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             layer_cache = cache.setdefault(i, {}) if cache is not None else None
             x = block(x, mems[i] if mems is not None else None, layer_cache)  # (B, T, C)
@@ -442,7 +445,8 @@ class DeltaMemory(nn.Module):
             K, (B, T, E) = self.key_conv.size(0), a.shape
             L = T // n_windows
             a = F.pad(a.reshape(B * n_windows, L, E), (0, 0, K - 1, 0))  # (B·W, K-1+L, H·d_k)
-            a = sum(w * a[:, K - 1 - j:K - 1 - j + L] for j, w in enumerate(self.key_conv)).reshape(B, T, E)
+            a = sum(w * a[:, K - 1 - j:K - 1 - j + L] for j, w in enumerate(self.key_conv))  # (B·W, L, H·d_k)
+            a = a.reshape(B, T, E)                                       # Σ_j w_j ∘ a_{t-j}, back to one stream
         k = F.normalize(torch.tanh(self._heads(a, self.cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
         v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
         beta = torch.sigmoid(self._heads(self.W_beta(x), self.W_beta.out_features // self.cfg.heads))
@@ -578,28 +582,24 @@ class DeltaMemGPT(nn.Module):
         n_windows = idx.size(1) if idx.dim() == 3 else 1
         flat = lambda t: t.flatten(0, 1) if t is not None and t.dim() == 3 else t
         idx, targets, mask, seg = flat(idx), flat(targets), flat(mask), flat(seg)
-        if write and not logits:
-            return self._write_only(idx, n_windows, mask, seg)
         mems = [None] * self.gpt.config.n_layer
         for i, mem in self.memories.items():
             mems[int(i)] = lambda h, mem=mem: mem(h, write, n_windows, mask, seg)
+        if write and not logits:
+            return self._write_only(idx, mems)
         return self.gpt(idx, targets, mems=mems, cache=cache)
 
-    def _write_only(self, idx, n_windows, mask, seg):
+    def _write_only(self, idx, mems):
         """forward(write=True, logits=False): the same states, for less work. Nothing of the history's own
         forward pass is used but the states, and no layer above the last memory writes, so the backbone
         stops at that layer's attention input: its attention, the layers above and the vocabulary head
         are skipped (in the defaults, a quarter of the layers and the head; a test checks the states)."""
-        gpt, last = self.gpt, max(int(i) for i in self.memories)
-        if idx.size(1) > gpt.config.block_size:
-            raise ValueError(f"window of {idx.size(1)} tokens is longer than block_size={gpt.config.block_size}")
-        x = gpt.drop(gpt.wte(idx) + gpt.wpe(torch.arange(idx.size(1), device=idx.device)))  # (N, L, C)
-        for i, block in enumerate(gpt.blocks[:last + 1]):
-            mem = self.memories[str(i)] if str(i) in self.memories else None
-            if i == last:
-                mem(block.ln_1(x), True, n_windows, mask, seg)           # the last write: nothing above reads it
-                return None, None
-            x = block(x, (lambda h, mem=mem: mem(h, True, n_windows, mask, seg)) if mem is not None else None)
+        last = max(int(i) for i in self.memories)
+        x = self.gpt.embed(idx)                                          # (N, L, C)
+        for block, mem in zip(self.gpt.blocks[:last], mems):
+            x = block(x, mem)                                            # (N, L, C)
+        mems[last](self.gpt.blocks[last].ln_1(x))                        # the last write: nothing above reads it
+        return None, None
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, stop_token=None):
