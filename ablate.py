@@ -5,6 +5,7 @@ Ablations and pictures: change d_k or the rank, see what happens.
     python ablate.py --key_dim=2,4,8 --rank=8 --write=token,segment --update=delta,hebbian --max_iters=60
     python ablate.py --capacity                        # recall accuracy vs stored pairs N, delta vs hebbian
     python ablate.py --capacity --key_dim=4,8,16 --n_pairs=2,4,8,16,32
+    python ablate.py --state_capacity                  # the state alone, keys given, nothing trained (seconds)
     python ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
     python ablate.py --results=out/results.json        # per-family bars of a train_memory.py evaluation
     python ablate.py --plots                           # redraw the pictures from the CSVs, train nothing
@@ -14,6 +15,8 @@ product; every cell trains one memory in <out_dir>/cells/<cell>/ (train_memory.t
 interrupted cell resumes), is scored at 0 history tokens in context on held-out episodes, and appends
 one row to the CSV. Cells already in the CSV are skipped, so re-running the same command resumes.
 write=msw is token writes with --msw_heads states (MSW). Any train_memory.py flag works here too.
+--state_capacity needs no backbone: it writes random unit keys and values straight into the scan
+(delta_rule_scan) and rewrites state_capacity.csv + state_capacity.png in seconds.
 """
 import csv
 import hashlib
@@ -46,6 +49,10 @@ DEFAULTS = dict(
     layer=-1,                     # which memory layer --work shows (-1: the last)
     plots=False,                  # only redraw the pictures from existing CSVs
     results="",                   # a train_memory.py results.json: draw its per-family bars
+    state_capacity=False,         # the state alone, keys given, nothing trained (seconds; no backbone)
+    state_passes=10,              # ... how often the history writes each pair
+    state_beta=1.0,               # ... the fixed write strength β
+    state_episodes=1000,          # ... random episodes per point
 )
 PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt"),
            "cpu_long": dict(TM.PRESETS["cpu_long"], out_dir="out-long-ablate")}
@@ -59,7 +66,8 @@ COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key
             "macro_em", "acc"] + [f"em_{f}" for f in FAMILIES] +
            ["n_questions", "train_seconds", "eval_seconds", "machine"])
 NOT_TRAINING = {"out_dir", "device", "log_interval", "val_episodes", "eval_episodes", "splits", "budget",
-                "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results"}
+                "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results",
+                "state_capacity", "state_passes", "state_beta", "state_episodes"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +88,8 @@ def parse_args(argv):
     cfg = parse_config(rest, DEFAULTS, PRESETS)
     axes = {k: [str(cfg[k])] for k in AXES}
     if not cfg["work"]:                                                  # --work draws one memory
-        axes.update({k: [str(v) for v in vs] for k, vs in (CAPACITY if cfg["capacity"] else GRID).items()})
+        default = STATE_CAPACITY if cfg["state_capacity"] else CAPACITY if cfg["capacity"] else GRID
+        axes.update({k: [str(v) for v in vs] for k, vs in default.items()})
     axes.update(given)
     for w in axes["write"]:
         if w not in WRITES:
@@ -321,6 +330,119 @@ def plot_capacity(rows, path, metric="em_recall"):
     return labels                                                        # the curves drawn, for tests
 
 
+# ----------------------------------------------------------------------------------------------
+# the state's own capacity: keys and values given, nothing trained (seconds, no backbone)
+# ----------------------------------------------------------------------------------------------
+# A trained memory must first learn keys that tell the facts apart; this asks what the r x d_k state
+# can hold once it has them. N random unit keys k_i (what L2norm(tanh(A_k h)) gives unrelated tokens)
+# and N random unit values v_i are written `passes` times in a row (a history that mentions each fact
+# more than once) with a fixed β, then read back with the same keys: read_i = S k_i. Two scores:
+#   clean    cos(read_i, v_i) >= 0.9: the value comes back nearly intact;
+#   nearest  the stored value closest to read_i (cosine) is v_i: enough to pick among the N.
+# Repeated passes of the delta rule converge to the least-squares S (exact for N <= d_k independent
+# keys); hebbian adds every pass again, so its crosstalk Σ_j (k_j·k_i) v_j never goes away.
+
+STATE_CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[1, 2, 4, 8, 12, 16, 24, 32, 48], update=["deltanet", "hebbian"])
+STATE_COLUMNS = ["key_dim", "rank", "n_pairs", "update", "passes", "beta", "episodes", "clean", "nearest",
+                 "seconds", "machine"]
+CLEAN_COS = 0.9
+
+
+def state_recall(k, v, update, passes=1, beta=1.0):
+    """(clean, nearest) for keys k (E, N, d_k) and values v (E, N, r) written `passes` times."""
+    E, N, _ = k.shape
+    rule = dict(decay=update == "delta", erase=update != "hebbian")
+    ks, vs = k.repeat(1, passes, 1)[:, None], v.repeat(1, passes, 1)[:, None]  # (E, 1, P N, ·) one head
+    b = torch.full(ks.shape[:-1] + (1,), float(beta))                   # (E, 1, P N, 1) one scalar gate
+    _, S = delta_rule_scan(ks, ks, vs, b, **rule)                        # S (E, 1, r, d_k)
+    read = (S[:, 0] @ k.transpose(1, 2)).transpose(1, 2)                 # (E, N, r) read_i = S k_i
+    cos = torch.nn.functional.cosine_similarity(read[:, :, None], v[:, None], dim=-1)  # (E, N, N) read_i vs v_j
+    clean = (cos.diagonal(dim1=1, dim2=2) >= CLEAN_COS).float().mean().item()
+    nearest = (cos.argmax(-1) == torch.arange(N)).float().mean().item()
+    return clean, nearest
+
+
+def state_capacity(cfg, axes, csv_path):
+    """Every (d_k, N, update) point of the state-capacity curve -> csv_path (rewritten: it takes seconds)."""
+    E, P, beta = cfg["state_episodes"], cfg["state_passes"], cfg["state_beta"]
+    if len(axes["rank"]) != 1:
+        raise UserError("--state_capacity draws one value size: give one --rank (e.g. --rank=8)")
+    if E < 1 or P < 1 or not 0 < beta <= 1:
+        raise UserError(f"--state_episodes and --state_passes must be >= 1 and --state_beta in (0, 1], "
+                        f"got {E}, {P}, {beta}")
+    r = int(axes["rank"][0])
+    points = []
+    for dk, n, update in itertools.product(*(axes[a] for a in ("key_dim", "n_pairs", "update"))):
+        if not (dk.isdigit() and n.isdigit() and int(dk) > 0 and int(n) > 0 and r > 0):
+            raise UserError(f"--key_dim, --n_pairs and --rank must be positive ints, got {dk}, {n}, {r}")
+        if update not in ("delta", "deltanet", "hebbian"):
+            raise UserError(f"--update: {update!r} is not valid; choose from delta, deltanet, hebbian")
+        points.append((int(dk), int(n), update))
+    print(f"state capacity: {len(points)} points, {E} episodes each, {P} pass(es), beta {beta}, r = {r}; "
+          f"keys given, nothing trained")
+    rows, g = [], torch.Generator().manual_seed(cfg["seed"])
+    for dk, n, update in points:
+        t0 = time.time()
+        k = torch.nn.functional.normalize(torch.randn(E, n, dk, generator=g), dim=-1)  # (E, N, d_k)
+        v = torch.nn.functional.normalize(torch.randn(E, n, r, generator=g), dim=-1)   # (E, N, r)
+        with torch.no_grad():
+            clean, nearest = state_recall(k, v, update, P, beta)
+        rows.append(dict(key_dim=dk, rank=r, n_pairs=n, update=update, passes=P, beta=beta, episodes=E,
+                         clean=f"{clean:.4f}", nearest=f"{nearest:.4f}", seconds=f"{time.time() - t0:.2f}",
+                         machine=machine()))
+        print(f"  d_k={dk:3d} N={n:3d} {update:8s}: clean {clean:.2f}  nearest {nearest:.2f}", flush=True)
+    tmp = csv_path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, STATE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    print(f"wrote {csv_path}")
+    return rows
+
+
+def plot_state_capacity(rows, path):
+    """Two panels (clean, nearest) of recall against N: one colour per d_k, solid deltanet/delta, dashed
+    hebbian; o = knee (last N at >= half the best). Returns {(d_k, update): knee of the clean curve}."""
+    plt = _plt()
+    rows = _rows(rows)
+    if not rows:
+        raise UserError("no state-capacity rows: run python ablate.py --state_capacity first")
+    dks = sorted({int(r["key_dim"]) for r in rows})
+    colors = dict(zip(dks, plt.cm.viridis(np.linspace(0, 0.9, len(dks)))))
+    styles = {"delta": ":", "deltanet": "-", "hebbian": "--"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    knees = {}
+    for ax, metric in zip(axes, ("clean", "nearest")):
+        for dk in dks:
+            for update in styles:
+                pts = {int(r["n_pairs"]): float(r[metric]) for r in rows
+                       if int(r["key_dim"]) == dk and r["update"] == update}
+                if not pts:
+                    continue
+                ns = sorted(pts)
+                ax.plot(ns, [pts[n] for n in ns], styles[update], marker=".", color=colors[dk], label=f"d_k={dk} {update}")
+                kn = knee(ns, [pts[n] for n in ns])
+                if kn is not None:
+                    ax.plot([kn], [pts[kn]], "o", ms=11, mfc="none", mec=colors[dk], mew=1.5)
+                    if metric == "clean":
+                        knees[(dk, update)] = kn
+        allN = sorted({int(r["n_pairs"]) for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(allN, [str(n) for n in allN])
+        ax.set_xlabel("stored pairs N")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of pairs recalled")
+    axes[0].set_title(f"clean: cos(S k_i, v_i) >= {CLEAN_COS}  (o = knee)", fontsize=9)
+    axes[1].set_title("nearest: S k_i is closest to v_i among the N values", fontsize=9)
+    axes[1].legend(fontsize=7, ncol=2)
+    r0 = rows[0]
+    fig.suptitle(f"the state alone: random unit keys given, {r0['passes']} pass(es), beta = {r0['beta']}, "
+                 f"r = {r0['rank']}, {r0['episodes']} episodes per point", fontsize=10)
+    _save(fig, path)
+    return knees
+
+
 def plot_families(results_json, path):
     """Per-family bars for every evaluation condition of a train_memory.py results.json."""
     try:
@@ -504,6 +626,11 @@ def main(argv=None):
     if cfg["results"]:
         return plot_families(cfg["results"], os.path.splitext(cfg["results"])[0] + "_families.png")
     writable_dir(cfg["out_dir"])
+    if cfg["state_capacity"]:
+        csv_path = os.path.join(cfg["out_dir"], "state_capacity.csv")
+        if not cfg["plots"]:
+            state_capacity(cfg, axes, csv_path)
+        return plot_state_capacity(csv_path, os.path.join(cfg["out_dir"], "state_capacity.png"))
     csv_path = os.path.join(cfg["out_dir"], "capacity.csv" if cfg["capacity"] else "ablate.csv")
     if cfg["plots"]:
         if not read_rows(csv_path):

@@ -224,3 +224,46 @@ def test_capacity_plot_draws_one_curve_per_write_mode_and_the_1_over_n_line(tmp_
     conv = [dict(r, key_conv=4) for r in rows if r["write"] == "token"]     # + the same with key_conv 4
     labels = AB.plot_capacity(rows + conv, str(tmp_path / "capacity.png"))
     assert sum(lab.endswith("key_conv=4") for lab in labels) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the state's own capacity (keys given, nothing trained)
+# ----------------------------------------------------------------------------------------------
+
+def test_state_recall_matches_hand_computed_cases():
+    v4 = torch.nn.functional.normalize(torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
+    eye = torch.eye(4).expand(3, 4, 4)                                   # orthonormal keys, N = d_k = 4
+    assert AB.state_recall(eye, v4, "deltanet") == (1.0, 1.0)            # no crosstalk: both rules exact
+    assert AB.state_recall(eye, v4, "hebbian") == (1.0, 1.0)
+    assert AB.state_recall(eye, v4, "delta")[0] == 0.25                  # β = 1 with (1-β) decay: the last only
+    # two keys at cos 0.6, orthogonal values: hebbian reads v1 + 0.6 v2 (cos 0.857 < 0.9) and 0.6 v1 + v2;
+    # one delta pass keeps v2 exact and leaves 0.64 v1 + 0.6 v2 for k1; passes converge to S k_i = v_i
+    k = torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])                        # (E=1, N=2, d_k=2)
+    v = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])                        # (E=1, N=2, r=2)
+    assert AB.state_recall(k, v, "hebbian") == (0.0, 1.0)
+    assert AB.state_recall(k, v, "hebbian", passes=20) == (0.0, 1.0)    # passes only scale hebbian's S
+    assert AB.state_recall(k, v, "deltanet") == (0.5, 1.0)
+    assert AB.state_recall(k, v, "deltanet", passes=20) == (1.0, 1.0)
+
+
+def test_state_capacity_knee_sits_at_d_k_for_the_delta_rule_and_earlier_for_hebbian(tmp_path, capsys):
+    out = tmp_path / "sc"
+    args = [f"--out_dir={out}", "--state_capacity", "--key_dim=4,8", "--n_pairs=1,2,4,8,16",
+            "--update=deltanet,hebbian", "--state_episodes=200"]
+    knees = AB.main(args)
+    rows = AB.read_rows(out / "state_capacity.csv")
+    assert len(rows) == 2 * 5 * 2 and {r["machine"] != "" for r in rows} == {True}
+    assert_png(out / "state_capacity.png")
+    assert knees[(4, "deltanet")] == 4 and knees[(8, "deltanet")] == 8   # halve d_k, halve the knee
+    assert knees[(4, "hebbian")] < 4 and knees[(8, "hebbian")] < 8
+    one = {(int(r["key_dim"]), int(r["n_pairs"]), r["update"]): float(r["clean"]) for r in rows}
+    assert one[(8, 4, "deltanet")] > 0.95 and one[(8, 4, "hebbian")] < 0.7
+    (out / "state_capacity.png").unlink()
+    assert AB.main(args + ["--plots"]) == knees and (out / "state_capacity.png").exists()  # redraw, no rerun
+
+
+@pytest.mark.parametrize("args,msg", [(["--state_beta=0"], "--state_beta"), (["--rank=4,8"], "one --rank"),
+                                      (["--update=delta,oja"], "--update"), (["--n_pairs=0"], "positive")])
+def test_state_capacity_refuses_bad_input(tmp_path, args, msg):
+    with pytest.raises(AB.UserError, match=msg):
+        AB.main([f"--out_dir={tmp_path}", "--state_capacity", *args])
