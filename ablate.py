@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import train_memory as TM
-from nanodeltamem import DeltaMemGPT, autodetect_device, delta_rule_scan, load_checkpoint
+from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, delta_rule_scan, load_checkpoint
 from train_backbone import UserError, fmt_time, normalize_answer, parse_config, run_cli, writable_dir
 
 DEFAULTS = dict(
@@ -351,7 +351,7 @@ CLEAN_COS = 0.9
 def state_recall(k, v, update, passes=1, beta=1.0):
     """(clean, nearest) for keys k (E, N, d_k) and values v (E, N, r) written `passes` times."""
     E, N, _ = k.shape
-    rule = dict(decay=update == "delta", erase=update != "hebbian")
+    rule = MemoryConfig(update=update).rule()                            # the model's own switches
     ks, vs = k.repeat(1, passes, 1)[:, None], v.repeat(1, passes, 1)[:, None]  # (E, 1, P N, ·) one head
     b = torch.full(ks.shape[:-1] + (1,), float(beta))                   # (E, 1, P N, 1) one scalar gate
     _, S = delta_rule_scan(ks, ks, vs, b, **rule)                        # S (E, 1, r, d_k)
