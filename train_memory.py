@@ -431,6 +431,9 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
     all_eps = [ep for eps in episodes_by_split.values() for ep in eps]
     conds = conditions(cfg, enc, gpt, memories)
     results, per_split = {}, {}
+    qs = [q for ep in all_eps for q in ep.questions]
+    outcomes = dict(family=[q.family for q in qs], correct={},          # per question: for the intervals
+                    episode=[e for e, ep in enumerate(all_eps) for _ in ep.questions])
     t0 = time.time()
     print(f"evaluating {len(conds)} conditions on {len(all_eps)} held-out episodes "
           f"({sum(len(e.questions) for e in all_eps)} questions; splits: {', '.join(episodes_by_split)})")
@@ -439,6 +442,7 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
         res = score_condition(preds, all_eps)
         params = model.param_counts()[0] if model is not None else 0
         results[name] = dict(res, history_tokens_in_context=hist_tokens, trainable_params=params)
+        outcomes["correct"][name] = [normalize_answer(p) == normalize_answer(q.a) for p, q in zip(preds, qs)]
         i = 0
         for split, eps in episodes_by_split.items():
             nq = sum(len(e.questions) for e in eps)
@@ -447,7 +451,7 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
         el = time.time() - t0
         print(f"  {name:28s} macro EM {res['macro_em']:.3f} | history tokens {hist_tokens:6.1f} | "
               f"ETA {fmt_time(el / (n + 1) * (len(conds) - n - 1))}", flush=True)
-    return results, per_split
+    return results, per_split, outcomes
 
 
 @torch.no_grad()
@@ -483,8 +487,35 @@ def results_table(results):
     return "\n".join(rows)
 
 
-def ratios(results, dm_name, budget):
-    """δ-mem / frozen backbone and δ-mem / best non-δ-mem, at 0 history tokens (and at the budget)."""
+def resampled_macro(correct, family, counts):
+    """Macro EM of one condition in every bootstrap resample. correct (Q,) per question; family (Q,) its
+    family; counts (n, Q) how often the resample drew the question's episode. (n,)"""
+    fams = sorted(set(family))
+    onehot = (np.asarray(family)[:, None] == np.asarray(fams)[None]).astype(float)  # (Q, F)
+    hits = (counts * np.asarray(correct, dtype=float)) @ onehot         # (n, F) right answers per family
+    asked = counts @ onehot                                              # (n, F) questions per family
+    per = np.where(asked > 0, hits / np.maximum(asked, 1), np.nan)       # a family not drawn: left out
+    return np.nanmean(per, axis=1)                                       # (n,)
+
+
+def ratio_intervals(outcomes, dm_name, frozen, baselines, n=1000, seed=0, level=0.9):
+    """Bootstrap intervals of the two 0-token ratios: resample the held-out episodes with replacement (an
+    episode's questions move together), recompute every condition's macro EM and the ratios, and keep
+    the middle `level` of them. The best baseline is taken again in every resample."""
+    episode = np.asarray(outcomes["episode"])
+    E = int(episode.max()) + 1
+    counts = np.random.default_rng(seed).multinomial(E, np.full(E, 1 / E), size=n)[:, episode]  # (n, Q)
+    m = {c: resampled_macro(outcomes["correct"][c], outcomes["family"], counts) for c in [dm_name, frozen, *baselines]}
+    best = np.max([m[b] for b in baselines], axis=0)                     # (n,)
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    interval = lambda a, b: ([float(x) for x in np.percentile(a / b, [lo, hi])] if (b > 0).all() else None)
+    return dict(vs_frozen_backbone=interval(m[dm_name], m[frozen]), vs_best_non_deltamem=interval(m[dm_name], best),
+                level=level, resamples=n)
+
+
+def ratios(results, dm_name, budget, outcomes=None):
+    """δ-mem / frozen backbone and δ-mem / best non-δ-mem, at 0 history tokens (and at the budget);
+    with per-question outcomes, also their bootstrap intervals over episodes (ci90)."""
     ratio = lambda a, b: a / b if b > 0 else None                      # None: the baseline scored 0
     dm = results[dm_name]["macro_em"]
     non0 = {n: r["macro_em"] for n, r in results.items()
@@ -492,6 +523,8 @@ def ratios(results, dm_name, budget):
     best0 = max(non0, key=non0.get)
     out = dict(vs_frozen_backbone=ratio(dm, results["no_history"]["macro_em"]),
                vs_best_non_deltamem=ratio(dm, non0[best0]), best_non_deltamem=best0)
+    if outcomes is not None:
+        out["ci90"] = ratio_intervals(outcomes, dm_name, "no_history", sorted(non0))
     w = f"{dm_name}_w{budget}"
     if w in results:
         nonw = {n: r["macro_em"] for n, r in results.items() if not n.startswith("deltamem")
@@ -503,9 +536,9 @@ def ratios(results, dm_name, budget):
     return out
 
 
-def write_results(cfg, results, per_split, general, dm_name, extra=None):
+def write_results(cfg, results, per_split, general, dm_name, extra=None, outcomes=None):
     out = dict(conditions=results, per_split=per_split, general_val_loss=general,
-               ratios=ratios(results, dm_name, cfg["budget"]), config=cfg, **(extra or {}))
+               ratios=ratios(results, dm_name, cfg["budget"], outcomes), config=cfg, **(extra or {}))
     path = os.path.join(cfg["out_dir"], "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
@@ -513,11 +546,13 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None):
     table = results_table(results)
     r = out["ratios"]
     x = lambda v: f"**{v:.2f}x**" if v is not None else "n/a (the baseline scored 0)"
+    ci = lambda key: (f" (90% bootstrap interval over the episodes: {r['ci90'][key][0]:.2f}x–{r['ci90'][key][1]:.2f}x)"
+                      if r.get("ci90", {}).get(key) else "")
     md = (f"# Results ({cfg['task']}, episodes: {cfg['episode_preset']}, held-out splits: "
           f"{', '.join(per_split)})\n\n{table}\n\n"
-          f"- δ-mem / frozen backbone (0 history tokens): {x(r['vs_frozen_backbone'])}\n"
+          f"- δ-mem / frozen backbone (0 history tokens): {x(r['vs_frozen_backbone'])}{ci('vs_frozen_backbone')}\n"
           f"- δ-mem / best non-δ-mem at 0 history tokens ({r['best_non_deltamem']}): "
-          f"{x(r['vs_best_non_deltamem'])}\n")
+          f"{x(r['vs_best_non_deltamem'])}{ci('vs_best_non_deltamem')}\n")
     W = cfg["budget"]
     if f"vs_best_non_deltamem_at_{W}" in r:
         md += (f"- δ-mem / best non-δ-mem at {W} history tokens ({r[f'best_non_deltamem_at_{W}']}): "
@@ -636,9 +671,9 @@ def main(argv=None):
         if base == "hebbian" and cfg["update"] == "hebbian":
             continue
         memories[base] = train_one(base, base, gpt, enc, cfg, device)
-    results, per_split = evaluate(cfg, enc, gpt, memories, device)
+    results, per_split, outcomes = evaluate(cfg, enc, gpt, memories, device)
     general = general_val_loss(cfg, enc, gpt, memories[dm_name], device)
-    write_results(cfg, results, per_split, general, dm_name)
+    write_results(cfg, results, per_split, general, dm_name, outcomes=outcomes)
     plot_results(results, os.path.join(cfg["out_dir"], "results.png"))
 
 
@@ -653,8 +688,9 @@ def eval_only(cfg, enc, gpt, device):
         raise UserError(str(e))
     model.to(device)
     name = condition_name(dict(cfg, **{k: v for k, v in asdict(model.mcfg).items() if k in cfg}))
-    results, per_split = evaluate(cfg, enc, gpt, {name: model}, device, {"file": episodes})
-    write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]))
+    results, per_split, outcomes = evaluate(cfg, enc, gpt, {name: model}, device, {"file": episodes})
+    write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]),
+                  outcomes)
 
 
 # ----------------------------------------------------------------------------------------------

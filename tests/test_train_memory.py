@@ -1,6 +1,7 @@
 """train_memory.py: each condition reads exactly the context it claims; budgets and the results schema."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,7 +64,49 @@ def test_results_follow_the_design_schema(tmp_path):
     assert out["ratios"]["vs_frozen_backbone"] == pytest.approx(0.45 / 0.2)
     assert out["ratios"]["vs_best_non_deltamem"] == pytest.approx(0.45 / 0.3)   # hebbian, at 0 tokens
     assert out["ratios"]["vs_best_non_deltamem_at_64"] == pytest.approx(0.5 / 0.3)
-    assert "deltamem" in (tmp_path / "results.md").read_text()
+    assert "deltamem" in (tmp_path / "results.md").read_text() and "ci90" not in out["ratios"]
+    right = lambda n: [i % n == 0 for i in range(12)]                   # 12 questions of 4 episodes
+    outcomes = dict(episode=[i // 3 for i in range(12)], family=["single_hop", "abstention", "update"] * 4,
+                    correct={"no_history": right(3), "lora": right(2), "hebbian": right(2), "deltamem": right(1)})
+    TM.write_results(cfg, res, {"iid": {n: r["macro_em"] for n, r in res.items()}}, None, "deltamem",
+                     outcomes=outcomes)
+    ci = json.loads((tmp_path / "results.json").read_text())["ratios"]["ci90"]
+    assert len(ci["vs_frozen_backbone"]) == 2 and ci["vs_best_non_deltamem"][0] <= ci["vs_best_non_deltamem"][1]
+    assert "90% bootstrap interval" in (tmp_path / "results.md").read_text()
+
+
+def test_resampled_macro_equals_scoring_the_drawn_episodes_one_by_one():
+    rng = np.random.default_rng(0)
+    family = ["a", "a", "b", "c", "b", "a", "c", "c"]                   # 8 questions of 4 episodes
+    episode = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    correct = rng.random(8) < 0.5
+    draws = [[0, 0, 1, 3], [2, 2, 2, 2], [1, 3, 0, 2]]                  # three resamples of 4 episodes
+    counts = np.array([[d.count(e) for e in episode] for d in draws])   # (3, 8) a question's weight
+    want = []
+    for d in draws:                                                      # the reference: build the resample
+        qs = [i for e in d for i in np.flatnonzero(episode == e)]       # and score it like the evaluation
+        want.append(TM.score(["y" if correct[i] else "n" for i in qs], ["y"] * len(qs),
+                             [family[i] for i in qs])["macro"])
+    assert TM.resampled_macro(correct, family, counts) == pytest.approx(want)
+
+
+def test_ratio_intervals_bracket_the_ratio_and_collapse_for_equal_conditions():
+    rng = np.random.default_rng(1)
+    Q, E = 600, 100
+    episode = np.repeat(np.arange(E), Q // E)
+    family = [["single_hop", "update", "abstention"][i % 3] for i in range(Q)]
+    correct = dict(deltamem=rng.random(Q) < 0.45, no_history=rng.random(Q) < 0.15, lora=rng.random(Q) < 0.3)
+    correct["hebbian"] = correct["lora"].copy()
+    out = dict(episode=episode, family=family, correct=correct)
+    ci = TM.ratio_intervals(out, "deltamem", "no_history", ["hebbian", "lora", "no_history"])
+    macro = lambda c: TM.score(["y" if x else "n" for x in correct[c]], ["y"] * Q, family)["macro"]
+    lo, hi = ci["vs_best_non_deltamem"]
+    assert lo < macro("deltamem") / macro("lora") < hi and hi - lo < 0.8
+    lo, hi = ci["vs_frozen_backbone"]
+    assert lo < macro("deltamem") / macro("no_history") < hi
+    same = TM.ratio_intervals(dict(out, correct=dict(correct, deltamem=correct["lora"])), "deltamem", "no_history",
+                              ["lora", "no_history"])
+    assert same["vs_best_non_deltamem"] == [1.0, 1.0]                    # δ-mem = the best baseline in every resample
 
 
 def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path, fake_compile):
