@@ -44,6 +44,8 @@ DEFAULTS = dict(
     # training
     max_iters=120, batch_size=16, learning_rate=1e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
+    read_window_share=1.0,        # share of steps whose questions see the last read_window history tokens
+                                  # (the others see none): 0.5 trains one memory for both read budgets
     general_reg=0.5, general_len=64,  # + general_reg x LM loss of corpus text read with the episode's state
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=20, val_episodes=64,
@@ -215,6 +217,13 @@ class CorpusRows:
         return rows[:, None, :-1], rows[:, None, 1:]                     # x, y: (B, 1, L) each
 
 
+def read_window_at(it, cfg):
+    """History tokens before the questions at step `it`: read_window on a read_window_share of the steps,
+    spread evenly (0.5: every other step), 0 on the rest; a function of `it` alone, so a resume agrees."""
+    share = cfg["read_window_share"]
+    return cfg["read_window"] if int((it + 1) * share) > int(it * share) else 0
+
+
 def train_one(kind, name, gpt, enc, cfg, device):
     """Train one memory (or the LoRA baseline); resumes from / reuses <out_dir>/memory_<name>.pt."""
     from data import tasks
@@ -263,7 +272,7 @@ def train_one(kind, name, gpt, enc, cfg, device):
             stop.check()
             rng = np.random.default_rng([cfg["seed"], it])                # batch depends only on it
             eps = sample_episodes(rng, cfg, cfg["batch_size"])
-            batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, cfg["read_window"])
+            batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, read_window_at(it, cfg))
             if batch["qx"].size(-1) > gpt.config.block_size:
                 raise UserError(f"[{name}] a question of {batch['qx'].size(-1)} tokens (with --read_window="
                                 f"{cfg['read_window']}) does not fit the backbone's block_size="
@@ -621,7 +630,8 @@ def check_config(cfg):
         grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"), alpha=(lambda v: v > 0, "a number > 0, e.g. 16"),
         beta_target=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),
         beta_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.01"),
-        general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1)))
+        general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1),
+        read_window_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5")))
     check_device(cfg["device"])
     if cfg["layers"] != "all" and not all(x.strip().isdigit() for x in str(cfg["layers"]).split(",")):
         raise UserError(f"--layers={cfg['layers']} is not valid: use all or comma-separated layer indices, e.g. 0,2")

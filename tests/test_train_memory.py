@@ -109,6 +109,14 @@ def test_ratio_intervals_bracket_the_ratio_and_collapse_for_equal_conditions():
     assert same["vs_best_non_deltamem"] == [1.0, 1.0]                    # δ-mem = the best baseline in every resample
 
 
+@pytest.mark.parametrize("share,want", [(1.0, [64] * 8), (0.0, [0] * 8), (0.5, [0, 64] * 4),
+                                        (0.25, [0, 0, 0, 64] * 2)])
+def test_read_window_share_spreads_the_window_over_the_steps(share, want):
+    cfg = dict(TM.DEFAULTS, read_window=64, read_window_share=share)
+    assert [TM.read_window_at(it, cfg) for it in range(8)] == want
+    assert TM.read_window_at(0, dict(cfg, read_window=0)) == 0
+
+
 def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path, fake_compile):
     from nanodeltamem import load_checkpoint
     cfg = dict(TM.DEFAULTS, out_dir=str(tmp_path), max_iters=2, batch_size=2, log_interval=2, val_episodes=2,
