@@ -267,3 +267,14 @@ def test_state_capacity_knee_sits_at_d_k_for_the_delta_rule_and_earlier_for_hebb
 def test_state_capacity_refuses_bad_input(tmp_path, args, msg):
     with pytest.raises(AB.UserError, match=msg):
         AB.main([f"--out_dir={tmp_path}", "--state_capacity", *args])
+
+
+def test_state_capacity_plot_from_a_fixed_csv(tmp_path):
+    rows = [dict(key_dim=dk, rank=8, n_pairs=n, update=u, passes=10, beta=1.0, episodes=10,
+                 clean=min(1.0, dk / n) if u == "deltanet" else min(1.0, 2 / n), nearest=1.0, seconds=0, machine="test")
+            for dk in (4, 8) for n in (1, 2, 4, 8, 16) for u in ("deltanet", "hebbian")]
+    knees = AB.plot_state_capacity(rows, str(tmp_path / "state.png"))
+    assert_png(tmp_path / "state.png")
+    assert knees == {(4, "deltanet"): 8, (8, "deltanet"): 16, (4, "hebbian"): 4, (8, "hebbian"): 4}
+    with pytest.raises(AB.UserError, match="--state_capacity"):
+        AB.plot_state_capacity([], str(tmp_path / "none.png"))
