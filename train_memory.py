@@ -507,24 +507,27 @@ def resampled_macro(correct, family, counts):
     return np.nanmean(per, axis=1)                                       # (n,)
 
 
-def ratio_intervals(outcomes, dm_name, frozen, baselines, n=1000, seed=0, level=0.9):
-    """Bootstrap intervals of the two 0-token ratios: resample the held-out episodes with replacement (an
-    episode's questions move together), recompute every condition's macro EM and the ratios, and keep
-    the middle `level` of them. The best baseline is taken again in every resample."""
+def ratio_intervals(outcomes, pairs, n=1000, seed=0, level=0.9):
+    """Bootstrap intervals of ratios: resample the held-out episodes with replacement (an episode's
+    questions move together), rescore every condition, and keep the middle `level` of each ratio.
+    pairs: {key: (condition, [baselines])} for the ratio condition / best baseline, the best taken again
+    in every resample. Returns {key: [low, high] or None (a baseline scored 0 in some resample)}."""
     episode = np.asarray(outcomes["episode"])
     E = int(episode.max()) + 1
     counts = np.random.default_rng(seed).multinomial(E, np.full(E, 1 / E), size=n)[:, episode]  # (n, Q)
-    m = {c: resampled_macro(outcomes["correct"][c], outcomes["family"], counts) for c in [dm_name, frozen, *baselines]}
-    best = np.max([m[b] for b in baselines], axis=0)                     # (n,)
+    names = {c for num, dens in pairs.values() for c in (num, *dens)}
+    m = {c: resampled_macro(outcomes["correct"][c], outcomes["family"], counts) for c in sorted(names)}  # (n,) each
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    interval = lambda a, b: ([float(x) for x in np.percentile(a / b, [lo, hi])] if (b > 0).all() else None)
-    return dict(vs_frozen_backbone=interval(m[dm_name], m[frozen]), vs_best_non_deltamem=interval(m[dm_name], best),
-                level=level, resamples=n)
+    out = dict(level=level, resamples=n)
+    for key, (num, dens) in pairs.items():
+        best = np.max([m[d] for d in dens], axis=0)                      # (n,)
+        out[key] = [float(x) for x in np.percentile(m[num] / best, [lo, hi])] if (best > 0).all() else None
+    return out
 
 
 def ratios(results, dm_name, budget, outcomes=None):
     """δ-mem / frozen backbone and δ-mem / best non-δ-mem, at 0 history tokens (and at the budget);
-    with per-question outcomes, also their bootstrap intervals over episodes (ci90)."""
+    with per-question outcomes, also their 90% bootstrap intervals over the episodes (ci90)."""
     ratio = lambda a, b: a / b if b > 0 else None                      # None: the baseline scored 0
     dm = results[dm_name]["macro_em"]
     non0 = {n: r["macro_em"] for n, r in results.items()
@@ -532,8 +535,7 @@ def ratios(results, dm_name, budget, outcomes=None):
     best0 = max(non0, key=non0.get)
     out = dict(vs_frozen_backbone=ratio(dm, results["no_history"]["macro_em"]),
                vs_best_non_deltamem=ratio(dm, non0[best0]), best_non_deltamem=best0)
-    if outcomes is not None:
-        out["ci90"] = ratio_intervals(outcomes, dm_name, "no_history", sorted(non0))
+    pairs = dict(vs_frozen_backbone=(dm_name, ["no_history"]), vs_best_non_deltamem=(dm_name, sorted(non0)))
     w = f"{dm_name}_w{budget}"
     if w in results:
         nonw = {n: r["macro_em"] for n, r in results.items() if not n.startswith("deltamem")
@@ -542,6 +544,9 @@ def ratios(results, dm_name, budget, outcomes=None):
             bw = max(nonw, key=nonw.get)
             out[f"vs_best_non_deltamem_at_{budget}"] = ratio(results[w]["macro_em"], nonw[bw])
             out[f"best_non_deltamem_at_{budget}"] = bw
+            pairs[f"vs_best_non_deltamem_at_{budget}"] = (w, sorted(nonw))
+    if outcomes is not None:
+        out["ci90"] = ratio_intervals(outcomes, pairs)
     return out
 
 
@@ -565,7 +570,7 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
     W = cfg["budget"]
     if f"vs_best_non_deltamem_at_{W}" in r:
         md += (f"- δ-mem / best non-δ-mem at {W} history tokens ({r[f'best_non_deltamem_at_{W}']}): "
-               f"{x(r[f'vs_best_non_deltamem_at_{W}'])}\n")
+               f"{x(r[f'vs_best_non_deltamem_at_{W}'])}{ci(f'vs_best_non_deltamem_at_{W}')}\n")
     if general:
         md += (f"- general validation loss: backbone {general['backbone']:.4f}, with memory attached after an "
                f"unrelated write {general['with_memory']:.4f} "

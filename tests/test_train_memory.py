@@ -67,11 +67,13 @@ def test_results_follow_the_design_schema(tmp_path):
     assert "deltamem" in (tmp_path / "results.md").read_text() and "ci90" not in out["ratios"]
     right = lambda n: [i % n == 0 for i in range(12)]                   # 12 questions of 4 episodes
     outcomes = dict(episode=[i // 3 for i in range(12)], family=["single_hop", "abstention", "update"] * 4,
-                    correct={"no_history": right(3), "lora": right(2), "hebbian": right(2), "deltamem": right(1)})
+                    correct={"no_history": right(3), "lora": right(2), "hebbian": right(2), "deltamem": right(1),
+                             "deltamem_w64": right(1), "recent_window": right(3), "full_context": right(1)})
     TM.write_results(cfg, res, {"iid": {n: r["macro_em"] for n, r in res.items()}}, None, "deltamem",
                      outcomes=outcomes)
     ci = json.loads((tmp_path / "results.json").read_text())["ratios"]["ci90"]
     assert len(ci["vs_frozen_backbone"]) == 2 and ci["vs_best_non_deltamem"][0] <= ci["vs_best_non_deltamem"][1]
+    assert ci["vs_best_non_deltamem_at_64"] is not None                 # deltamem_w64 / recent_window too
     assert "90% bootstrap interval" in (tmp_path / "results.md").read_text()
 
 
@@ -98,14 +100,15 @@ def test_ratio_intervals_bracket_the_ratio_and_collapse_for_equal_conditions():
     correct = dict(deltamem=rng.random(Q) < 0.45, no_history=rng.random(Q) < 0.15, lora=rng.random(Q) < 0.3)
     correct["hebbian"] = correct["lora"].copy()
     out = dict(episode=episode, family=family, correct=correct)
-    ci = TM.ratio_intervals(out, "deltamem", "no_history", ["hebbian", "lora", "no_history"])
+    ci = TM.ratio_intervals(out, dict(vs_frozen_backbone=("deltamem", ["no_history"]),
+                                      vs_best_non_deltamem=("deltamem", ["hebbian", "lora", "no_history"])))
     macro = lambda c: TM.score(["y" if x else "n" for x in correct[c]], ["y"] * Q, family)["macro"]
     lo, hi = ci["vs_best_non_deltamem"]
     assert lo < macro("deltamem") / macro("lora") < hi and hi - lo < 0.8
     lo, hi = ci["vs_frozen_backbone"]
     assert lo < macro("deltamem") / macro("no_history") < hi
-    same = TM.ratio_intervals(dict(out, correct=dict(correct, deltamem=correct["lora"])), "deltamem", "no_history",
-                              ["lora", "no_history"])
+    same = TM.ratio_intervals(dict(out, correct=dict(correct, deltamem=correct["lora"])),
+                              dict(vs_best_non_deltamem=("deltamem", ["lora", "no_history"])))
     assert same["vs_best_non_deltamem"] == [1.0, 1.0]                    # δ-mem = the best baseline in every resample
 
 
