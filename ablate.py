@@ -56,6 +56,9 @@ DEFAULTS = dict(
 )
 PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt"),
            "cpu_long": dict(TM.PRESETS["cpu_long"], out_dir="out-long-ablate")}
+# training settings added after sweeps existed: hashed only when set to something else than this value
+# (which changes nothing), so the finished cells of an older sweep keep their names and are skipped
+ADDED_LATER = {"read_window_share": 1.0}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])
@@ -128,7 +131,8 @@ def cell_name(cell):
         name += f"_kc{cell['key_conv']}"
     if cell["n_pairs"]:
         name += f"_n{cell['n_pairs']}"
-    train = {k: cell[k] for k in sorted(cell) if k not in NOT_TRAINING}
+    train = {k: v for k, v in sorted(cell.items()) if k not in NOT_TRAINING
+             and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return name + "_" + hashlib.sha1(json.dumps(train, default=str).encode()).hexdigest()[:6]
 
 
