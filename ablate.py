@@ -33,7 +33,7 @@ import torch
 
 import train_memory as TM
 from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, delta_rule_scan, load_checkpoint
-from train_backbone import UserError, fmt_time, normalize_answer, parse_config, run_cli, writable_dir
+from train_backbone import UserError, exact_match, fmt_time, parse_config, run_cli, writable_dir
 
 DEFAULTS = dict(
     TM.DEFAULTS,
@@ -105,6 +105,11 @@ def parse_args(argv):
     return cfg, axes
 
 
+def flag_value(key, value):
+    """One comma-list value, type-checked as if typed as --key=value."""
+    return parse_config([f"--{key}={value}"], DEFAULTS, PRESETS)[key]
+
+
 def make_cells(cfg, axes):
     """One config per point of the cartesian product; each value checked as if typed as a flag."""
     cells = []
@@ -112,7 +117,7 @@ def make_cells(cfg, axes):
         over = dict(zip(AXES, values))
         cell = dict(cfg)
         for k, v in over.items():                                        # type-check each value as a flag
-            cell[k] = parse_config([f"--{k}={v}"], DEFAULTS, PRESETS)[k]
+            cell[k] = flag_value(k, v)
         cell["write_axis"] = WRITES[cell["write"]]
         cell["write"] = "token" if cell["write_axis"] == "msw" else cell["write_axis"]
         if cell["write_axis"] == "msw":
@@ -193,7 +198,7 @@ def eval_cell(cfg, enc, gpt, model, device):
     preds, _ = TM.run_condition(enc, episodes, lambda ep, q: [], model, gpt, device)
     res = TM.score_condition(preds, episodes)
     gold = [q.a for ep in episodes for q in ep.questions]
-    acc = float(np.mean([normalize_answer(p) == normalize_answer(g) for p, g in zip(preds, gold)]))
+    acc = float(np.mean([exact_match(p, g) for p, g in zip(preds, gold)]))
     return dict(macro_em=res["macro_em"], acc=acc, n_questions=res["n_questions"],
                 **{f"em_{f}": v for f, v in res["per_family"].items()})
 
@@ -374,14 +379,15 @@ def state_capacity(cfg, axes, csv_path):
     if E < 1 or P < 1 or not 0 < beta <= 1:
         raise UserError(f"--state_episodes and --state_passes must be >= 1 and --state_beta in (0, 1], "
                         f"got {E}, {P}, {beta}")
-    r = int(axes["rank"][0])
-    points = []
-    for dk, n, update in itertools.product(*(axes[a] for a in ("key_dim", "n_pairs", "update"))):
-        if not (dk.isdigit() and n.isdigit() and int(dk) > 0 and int(n) > 0 and r > 0):
-            raise UserError(f"--key_dim, --n_pairs and --rank must be positive ints, got {dk}, {n}, {r}")
-        if update not in ("delta", "deltanet", "hebbian"):
-            raise UserError(f"--update: {update!r} is not valid; choose from delta, deltanet, hebbian")
-        points.append((int(dk), int(n), update))
+    r = flag_value("rank", axes["rank"][0])
+    points = list(itertools.product(*([flag_value(a, v) for v in axes[a]] for a in ("key_dim", "n_pairs", "update"))))
+    for dk, n, update in points:
+        if min(dk, n, r) < 1:
+            raise UserError(f"--key_dim, --n_pairs and --rank must be positive for --state_capacity, got {dk}, {n}, {r}")
+        try:
+            MemoryConfig(update=update)                                  # the model's own check of --update
+        except ValueError as e:
+            raise UserError(f"--update: {e}")
     print(f"state capacity: {len(points)} points, {E} episodes each, {P} pass(es), beta {beta}, r = {r}; "
           f"keys given, nothing trained")
     rows, g = [], torch.Generator().manual_seed(cfg["seed"])
@@ -406,8 +412,8 @@ def state_capacity(cfg, axes, csv_path):
 
 
 def plot_state_capacity(rows, path):
-    """Two panels (clean, nearest) of recall against N: one colour per d_k, solid deltanet/delta, dashed
-    hebbian; o = knee (last N at >= half the best). Returns {(d_k, update): knee of the clean curve}."""
+    """Two panels (clean, nearest) of recall against N: one colour per d_k, solid deltanet, dotted delta,
+    dashed hebbian; o = knee (last N at >= half the best). Returns {(d_k, update): knee of the clean curve}."""
     plt = _plt()
     rows = _rows(rows)
     if not rows:

@@ -180,6 +180,11 @@ def normalize_answer(s):
     return s.strip().strip(".!?,;:").strip().lower()
 
 
+def exact_match(pred, gold):
+    """The one answer check of every evaluation: equal after normalize_answer."""
+    return normalize_answer(pred) == normalize_answer(gold)
+
+
 def model_logits(model, device):
     """greedy_answers' logits_fn for a model that needs no per-row state: its logits (b, T, V) on the CPU."""
     return lambda idx, rows, cache: model(idx.to(device), cache=cache)[0].float().cpu()
@@ -307,7 +312,7 @@ def subject_probe(model, enc, n_names=40, reps=6, seed=0, device="cpu"):
 def score(preds, gold, fams):
     per = {}
     for p, g, f in zip(preds, gold, fams):
-        per.setdefault(f, []).append(normalize_answer(p) == normalize_answer(g))
+        per.setdefault(f, []).append(exact_match(p, g))
     res = {f: float(np.mean(v)) for f, v in sorted(per.items())}
     res["macro"] = float(np.mean(list(res.values()))) if res else 0.0
     return res

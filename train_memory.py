@@ -28,7 +28,7 @@ import torch.nn as nn
 from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
                           IGNORE_INDEX)
 from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, model_logits,
-                            normalize_answer, check_positive, check_ranges, check_device, score)
+                            normalize_answer, exact_match, check_positive, check_ranges, check_device, score)
 import train_backbone
 
 DEFAULTS = dict(
@@ -451,7 +451,7 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
         res = score_condition(preds, all_eps)
         params = model.param_counts()[0] if model is not None else 0
         results[name] = dict(res, history_tokens_in_context=hist_tokens, trainable_params=params)
-        outcomes["correct"][name] = [normalize_answer(p) == normalize_answer(q.a) for p, q in zip(preds, qs)]
+        outcomes["correct"][name] = [exact_match(p, q.a) for p, q in zip(preds, qs)]
         i = 0
         for split, eps in episodes_by_split.items():
             nq = sum(len(e.questions) for e in eps)
