@@ -262,13 +262,15 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
         i.e. (I + A) u = β v - diag(β γ_{t-1}) K s_0, A = diag(β) (D ∘ K Kᵀ) strictly lower,
         D[t, i] = exp(G_{t-1} - G_i). So u = u0 - W s_0 with u0 = (I+A)⁻¹ β v and
         W = (I+A)⁻¹ diag(β γ_{t-1}) K, both independent of s_0: computed for all chunks at once.
-      * Reads:  o_t = γ_{t-1} q_t·s_0 + Σ_{i<t} D[t, i] (q_t·k_i) u_i  = P u0 + (γ_{t-1} Q - P W) s_0,
-        P = D ∘ Q Kᵀ strictly lower.
       * Carry:  s_C = γ_C s_0 + Σ_i (γ_C/γ_i) u_i k_i = M s_0 + Bc,
-        M = γ_C I - Kᵀ diag(γ_C/γ) W,  Bc = Kᵀ (γ_C/γ ∘ u0).   (in code S holds rows: S M ᵀ + Bc)
-    Only the last line is sequential: one small matmul per chunk. Rows that share a gate (scalar
+        M = γ_C I - Kᵀ diag(γ_C/γ) W,  Bc = Kᵀ (γ_C/γ ∘ u0).   (in code S holds rows: S Mᵀ + Bc)
+      * Reads, once the carry has given every chunk its s_0 and so its writes u = u0 - W s_0:
+        o_t = γ_{t-1} q_t·s_0 + Σ_{i<t} D[t, i] (q_t·k_i) u_i = P u + diag(γ_{t-1}) Q s_0,
+        P = D ∘ Q Kᵀ strictly lower.
+    Only the carry is sequential: one small matmul per chunk. Rows that share a gate (scalar
     gates) share A and W, so their C x C work is done once; row-wise gates pay it r times.
-    Decays stay differences of cumulative logs, so no exp() can overflow.
+    Decays stay differences of cumulative logs, clamped at 0 (the masked upper triangle), so no exp()
+    can overflow.
     """
     B, H, T, dk = q.shape
     r, R = v.size(-1), beta.size(-1)                                     # R gate groups of m rows
@@ -286,8 +288,8 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
     g = torch.log1p(-b.clamp(max=1 - 1e-6)) if decay else torch.zeros_like(b)  # (B, H, n, R, C, 1)
     G = g.cumsum(-2)                                                     # (B, H, n, R, C, 1) G_t
     G_prev = G - g                                                       # G_{t-1}
-    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    D = (G_prev - G.transpose(-1, -2)).masked_fill(~strict, -math.inf).exp()  # (.., R, C, C)
+    strict = torch.ones(C, C, dtype=q.dtype, device=q.device).tril(-1)   # (not exp(-inf): slow on CPU)
+    D = (G_prev - G.transpose(-1, -2)).clamp(max=0).exp() * strict       # (B, H, n, R, C, C)
     kT = k.transpose(-1, -2)                                             # (B, H, n, 1, d_k, C)
     P = D * (q @ kT)                                                     # (B, H, n, R, C, C)
 
@@ -300,22 +302,19 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
 
     to_end = (G[..., -1:, :] - G).exp()                                  # (B, H, n, R, C, 1) γ_C/γ_t
     gamma_C = G[..., -1:, :].exp()                                       # (B, H, n, R, 1, 1)
-    # k is shared by all gate groups R: contract it once per chunk (einsum batches over b, h, n)
-    Bc = torch.einsum("bhnrcm,bhncd->bhnrmd", to_end * u0, k[:, :, :, 0])  # (B, H, n, R, m, d_k)
-    eye = torch.eye(dk, device=q.device, dtype=q.dtype)
-    M = gamma_C * eye                                                    # (B, H, n, R, d_k, d_k)
-    Qe = G_prev.exp() * q                                                # (B, H, n, R, C, d_k)
+    Bc = (to_end * u0).transpose(-1, -2) @ k                             # (B, H, n, R, m, d_k)
+    Mt = gamma_C * torch.eye(dk, device=q.device, dtype=q.dtype)         # (B, H, n, R, d_k, d_k) Mᵀ
     if W is not None:
-        M = M - torch.einsum("bhncd,bhnrce->bhnrde", k[:, :, :, 0], to_end * W)  # (B, H, n, R, d_k, d_k)
-        Qe = Qe - P @ W
+        Mt = Mt - (to_end * W).transpose(-1, -2) @ k
 
     S = state.reshape(B, H, R, m, dk)                                    # rows grouped by gate
-    starts = []
-    for M_c, B_c in zip(M.transpose(-1, -2).unbind(2), Bc.unbind(2)):    # the only sequential part
-        starts.append(S)                                                 # (unbind: one cheap backward)
-        S = S @ M_c + B_c                                                # (B, H, R, m, d_k)
+    starts = []                                                          # chunks first: contiguous steps
+    for Mt_c, B_c in zip(Mt.movedim(2, 0).contiguous().unbind(0), Bc.movedim(2, 0).contiguous().unbind(0)):
+        starts.append(S)                                                 # the only sequential part
+        S = S @ Mt_c + B_c                                               # (B, H, R, m, d_k)
     S0 = torch.stack(starts, dim=2)                                      # (B, H, n, R, m, d_k)
-    o = P @ u0 + Qe @ S0.transpose(-1, -2)                               # (B, H, n, R, C, m)
+    u = u0 if W is None else u0 - W @ S0.transpose(-1, -2)               # (B, H, n, R, C, m) the writes
+    o = P @ u + G_prev.exp() * (q @ S0.transpose(-1, -2))                # (B, H, n, R, C, m)
     read = o.transpose(-3, -2).reshape(B, H, n * C, r)[:, :, :T]         # (B, H, T, r)
     return read, S.reshape(B, H, r, dk)
 

@@ -311,6 +311,20 @@ def test_chunkwise_survives_saturated_gates():
     assert torch.isfinite(g).all()
 
 
+def test_chunkwise_long_chunk_of_strong_decay_stays_finite():
+    """β = 0.9999 on every token of a 64-token chunk: Σ log(1-β) reaches -589, so exp(-G) alone would
+    overflow float32 (the decays must stay differences of cumulative logs, the upper triangle masked)."""
+    q, k, v, _, S = rand_inputs(T=64, R=8)
+    beta = torch.full((*v.shape[:-1], 8), 0.9999, requires_grad=True)
+    r1, s1 = delta_rule_scan(q, k, v, beta, S)
+    r2, s2 = delta_rule_scan(q, k, v, beta, S, chunk_size=64)
+    assert (r1 - r2).abs().max() < 1e-4 and (s1 - s2).abs().max() < 1e-4
+    g1 = torch.autograd.grad(r1.sum() + s1.sum(), (beta, k))
+    g2 = torch.autograd.grad(r2.sum() + s2.sum(), (beta, k))
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(b).all() and (a - b).abs().max() < 1e-3 * max(1.0, a.abs().max().item())
+
+
 @pytest.mark.parametrize("with_memory", [False, True, "lora"])
 def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory):
     # prompt of 6 tokens into the cache, then 4 tokens one at a time: the same logits as one full pass
