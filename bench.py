@@ -9,7 +9,7 @@ What the memory costs, measured side by side and reported as ratios (one run, on
   4. memory     the peak extra memory of every measured call (see peak_mib)
   5. decode     per-token greedy generation latency with the memory attached vs the bare backbone
 
-    python bench.py                     # the full run (~3 minutes on 2 CPU cores)
+    python bench.py                     # the full run (~70 s on 2 CPU cores, ~30 s on an H200)
     python bench.py --quick             # a seconds-long smoke run (tiny sizes, numbers not meaningful)
     python bench.py --T=1024 --repeats=5 --out=bench.json
     python bench.py --preset=gpu --chunk_size=32    # another preset's sizes, another chunk
