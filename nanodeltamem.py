@@ -288,7 +288,8 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
     g = torch.log1p(-b.clamp(max=1 - 1e-6)) if decay else torch.zeros_like(b)  # (B, H, n, R, C, 1)
     G = g.cumsum(-2)                                                     # (B, H, n, R, C, 1) G_t
     G_prev = G - g                                                       # G_{t-1}
-    strict = torch.ones(C, C, dtype=q.dtype, device=q.device).tril(-1)   # (not exp(-inf): slow on CPU)
+    # D: the upper triangle masked by a 0/1 factor after exp(), not as -inf before it (slow on CPU)
+    strict = torch.ones(C, C, dtype=q.dtype, device=q.device).tril(-1)   # (C, C)
     D = (G_prev - G.transpose(-1, -2)).clamp(max=0).exp() * strict       # (B, H, n, R, C, C)
     kT = k.transpose(-1, -2)                                             # (B, H, n, 1, d_k, C)
     P = D * (q @ kT)                                                     # (B, H, n, R, C, C)
@@ -308,9 +309,10 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
         Mt = Mt - (to_end * W).transpose(-1, -2) @ k
 
     S = state.reshape(B, H, R, m, dk)                                    # rows grouped by gate
-    starts = []                                                          # chunks first: contiguous steps
-    for Mt_c, B_c in zip(Mt.movedim(2, 0).contiguous().unbind(0), Bc.movedim(2, 0).contiguous().unbind(0)):
-        starts.append(S)                                                 # the only sequential part
+    by_chunk = lambda x: x.movedim(2, 0).contiguous().unbind(0)          # n contiguous (B, H, R, ·, d_k)
+    starts = []
+    for Mt_c, B_c in zip(by_chunk(Mt), by_chunk(Bc)):                    # the only sequential part
+        starts.append(S)
         S = S @ Mt_c + B_c                                               # (B, H, R, m, d_k)
     S0 = torch.stack(starts, dim=2)                                      # (B, H, n, R, m, d_k)
     u = u0 if W is None else u0 - W @ S0.transpose(-1, -2)               # (B, H, n, R, C, m) the writes

@@ -445,7 +445,7 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
                     episode=[e for e, ep in enumerate(all_eps) for _ in ep.questions])
     t0 = time.time()
     print(f"evaluating {len(conds)} conditions on {len(all_eps)} held-out episodes "
-          f"({sum(len(e.questions) for e in all_eps)} questions; splits: {', '.join(episodes_by_split)})")
+          f"({len(qs)} questions; splits: {', '.join(episodes_by_split)})")
     for n, (name, (ctx, model)) in enumerate(conds.items()):
         preds, hist_tokens = run_condition(enc, all_eps, ctx, model, gpt, device)
         res = score_condition(preds, all_eps)
