@@ -630,8 +630,11 @@ class DeltaMemGPT(nn.Module):
         if ckpt["backbone_hash"] != weights_hash(gpt):
             raise ValueError(f"{path} was trained on backbone {ckpt['backbone_hash']}, but this backbone is "
                              f"{weights_hash(gpt)}: pass the backbone checkpoint it was trained with (--backbone)")
-        model = cls(gpt, MemoryConfig(**ckpt["mem_config"]))
-        model.memories.load_state_dict(ckpt["memory"])
+        try:
+            model = cls(gpt, MemoryConfig(**ckpt["mem_config"]))
+            model.memories.load_state_dict(ckpt["memory"])
+        except (TypeError, ValueError, RuntimeError) as e:              # unknown config keys, other shapes
+            raise unfit(path, e) from None
         return model, ckpt
 
 
@@ -655,13 +658,34 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+# the type of every entry the project's checkpoints hold ("tensors": a state_dict, names -> tensors);
+# an entry of another type is refused in one line, before any code trips over it
+ENTRY_TYPES = dict(model="tensors", config=dict, optimizer=dict, iter_num=int, history=list, train_config=dict,
+                   data=dict, memory="tensors", mem_config=dict, backbone_hash=str)
+
+
 def load_checkpoint(path, required=()):
-    """torch.load with one-line errors for a missing, truncated or foreign file."""
+    """torch.load with one-line errors for a missing, truncated or foreign file.
+
+    weights_only=True: unpickling builds only tensors and plain Python values, so a crafted file cannot
+    run code while it loads; the project's checkpoints hold nothing else (configs are dicts).
+    """
     import os
+    import pickle
+    import re
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the refused object as "GLOBAL module.name" (older releases: "Unsupported class ...")
+        refused = re.search(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(e))
+        if refused is None:                                              # not a pickle at all
+            raise ValueError(f"checkpoint {path} is corrupt or truncated (UnpicklingError); "
+                             f"delete it and train again") from None
+        raise ValueError(f"{path} holds objects that loading would have to run code for ({refused[1]}); this "
+                         f"project never writes such files: delete it and train again, or re-save it with plain "
+                         f"tensors and dicts") from None
     except Exception as e:
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
                          f"delete it and train again") from None
@@ -669,12 +693,33 @@ def load_checkpoint(path, required=()):
     if missing:
         raise ValueError(f"{path} is not the right kind of checkpoint (missing {', '.join(missing)}); "
                          f"pass the right file, or delete it and train again")
+    for key, kind in ENTRY_TYPES.items():
+        if isinstance(ckpt, dict) and key in ckpt and not _is_a(ckpt[key], kind):
+            want = "dict of tensors" if kind == "tensors" else kind.__name__
+            raise ValueError(f"{path} is not the right kind of checkpoint ({key!r} is {type(ckpt[key]).__name__}, "
+                             f"expected {want}); pass the right file, or delete it and train again")
     return ckpt
+
+
+def _is_a(value, kind):
+    if kind == "tensors":
+        return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+    return isinstance(value, kind)
+
+
+def unfit(path, e):
+    """The one-line error for a checkpoint whose config or weights this code cannot use (e: what failed)."""
+    import textwrap
+    return ValueError(f"{path} does not fit this code ({textwrap.shorten(str(e), 160)}); "
+                      f"pass the right file, or delete it and train again")
 
 
 def load_backbone(path):
     """A GPT from a train_backbone.py checkpoint (unwrapped weights + config)."""
     ckpt = load_checkpoint(path, required=("model", "config"))
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:  # unknown config keys, other shapes
+        raise unfit(path, e) from None
     return model, ckpt

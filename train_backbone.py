@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from nanodeltamem import GPT, GPTConfig, autodetect_device, save_atomic, load_checkpoint
+from nanodeltamem import GPT, GPTConfig, autodetect_device, save_atomic, load_checkpoint, unfit
 
 # ----------------------------------------------------------------------------------------------
 # config: defaults, then a preset, then --key=value overrides
@@ -427,8 +427,11 @@ def train(cfg):
         if ckpt["config"] != gconf.__dict__:
             raise UserError(f"{ckpt_path} holds a model with config {ckpt['config']}, not {gconf.__dict__}: "
                             f"resume with the same options, or use another --out_dir")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:    # other shapes, another optimizer
+            raise UserError(str(unfit(ckpt_path, e)))
         start, history = ckpt["iter_num"], ckpt.get("history", [])
         print(f"resuming from {ckpt_path} at iteration {start}")
     model.to(device)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
-                          IGNORE_INDEX)
+                          IGNORE_INDEX, unfit)
 from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, model_logits,
                             normalize_answer, exact_match, check_positive, check_ranges, check_device, score)
 import train_backbone
@@ -245,9 +245,12 @@ def train_one(kind, name, gpt, enc, cfg, device):
         if saved != asdict(model.mcfg):                                  # e.g. another --rank with the same out_dir
             raise UserError(f"{path} holds a memory with {ckpt['mem_config']}, not {asdict(model.mcfg)}: "
                             f"delete it, use the same options, or use another --out_dir")
-        model.memories.load_state_dict(ckpt["memory"])
-        if "optimizer" in ckpt:
-            opt.load_state_dict(ckpt["optimizer"])
+        try:
+            model.memories.load_state_dict(ckpt["memory"])
+            if "optimizer" in ckpt:
+                opt.load_state_dict(ckpt["optimizer"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:    # other shapes, another optimizer
+            raise UserError(str(unfit(path, e)))
         start, history = ckpt.get("iter_num", cfg["max_iters"]), ckpt.get("history", [])
         if start >= cfg["max_iters"]:
             print(f"[{name}] already trained ({path}, {start} iterations): reusing it")

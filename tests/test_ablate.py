@@ -90,7 +90,7 @@ def test_sweep_appends_one_row_per_cell_and_skips_finished_cells(enc, gpt, tmp_p
     rows = AB.sweep(cells, enc, gpt, "cpu", csv_path)
     assert len(rows) == 2 and sorted(r["key_dim"] for r in rows) == ["2", "4"]
     for r in rows:
-        ckpt = torch.load(tmp_path / "cells" / r["cell"] / "memory_deltamem.pt", weights_only=False)
+        ckpt = torch.load(tmp_path / "cells" / r["cell"] / "memory_deltamem.pt", weights_only=True)
         assert ckpt["iter_num"] == 2 and len(ckpt["history"]) == 2      # trained in its own folder
         fams = [float(r[f"em_{f}"]) for f in ("recall", "forgetting", "two_hop")]
         assert float(r["macro_em"]) == pytest.approx(np.mean(fams))

@@ -127,7 +127,7 @@ def test_compiled_training_saves_unwrapped_checkpoint(data_dir, tmp_path, fake_c
     assert len(fake_compile["wrapped"]) == 1 and fake_compile["calls"] >= 3  # the steps ran through the wrapper
     raw = fake_compile["wrapped"][0]
     assert all(k.startswith("_orig_mod.") for k in fake_compile["real_keys"](raw))
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert list(ckpt["model"]) == list(raw.state_dict())                # no wrapper prefix
     model, _ = load_backbone(path)
     x = torch.randint(0, 300, (2, 20))

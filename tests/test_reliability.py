@@ -95,7 +95,7 @@ def test_backbone_ctrl_c_prints_resume_command_that_reaches_the_straight_weights
                                   "saved")
     ckpt = os.path.join(tmp_path / "b", "backbone.pt")
     assert rc == 130, err
-    stopped_at = torch.load(ckpt, weights_only=False)["iter_num"]
+    stopped_at = torch.load(ckpt, weights_only=True)["iter_num"]
     assert 5 <= stopped_at < 60                                        # really stopped mid-run
     assert f"checkpoint saved to {ckpt}" in out
     cmd = shlex.split(out.split("Resume with: ")[1].splitlines()[0])
@@ -110,7 +110,7 @@ def test_backbone_sigkill_then_resume_matches_straight_run(data_dir, straight, t
     rc, out, _ = start_and_stop("train_backbone.py", backbone_args(data_dir, tmp_path / "b"), signal.SIGKILL, "saved")
     assert rc == -signal.SIGKILL
     ckpt = os.path.join(tmp_path / "b", "backbone.pt")
-    assert 5 <= torch.load(ckpt, weights_only=False)["iter_num"] < 60
+    assert 5 <= torch.load(ckpt, weights_only=True)["iter_num"] < 60
     run_ok([sys.executable, "train_backbone.py", *backbone_args(data_dir, tmp_path / "b", "--resume")])
     same_weights(straight.state_dict(), load_backbone(ckpt)[0].state_dict())
 
@@ -121,10 +121,10 @@ def test_memory_training_killed_mid_run_resumes_to_identical_memory_and_results(
                                 "val answer acc", times=2)              # the 2nd line: the 1st save is done
     assert rc == -signal.SIGKILL
     ckpt = os.path.join(tmp_path / "b", "memory_deltamem.pt")
-    assert 2 <= torch.load(ckpt, weights_only=False)["iter_num"] < 30
+    assert 2 <= torch.load(ckpt, weights_only=True)["iter_num"] < 30
     r = run_ok([sys.executable, "train_memory.py", *memory_args(data_dir, backbone, tmp_path / "b")])
     assert "resuming from" in r.stdout
-    a, b = (torch.load(os.path.join(tmp_path / d, "memory_deltamem.pt"), weights_only=False) for d in "ab")
+    a, b = (torch.load(os.path.join(tmp_path / d, "memory_deltamem.pt"), weights_only=True) for d in "ab")
     assert a["iter_num"] == b["iter_num"] == 30
     same_weights(a["memory"], b["memory"])
     res = [json.loads((tmp_path / d / "results.json").read_text()) for d in "ab"]
@@ -163,7 +163,7 @@ def cli_error(script, args):
     return lines[0]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign", "other_weights"])
 def test_corrupt_memory_checkpoint_is_one_line(data_dir, backbone, tmp_path, damage):
     out = tmp_path / "out"
     out.mkdir()
@@ -172,9 +172,11 @@ def test_corrupt_memory_checkpoint_is_one_line(data_dir, backbone, tmp_path, dam
     DeltaMemGPT(gpt, MemoryConfig()).save_memory(str(ckpt), iter_num=1, train_config=dict(kind="deltamem"))
     raw = ckpt.read_bytes()
     ckpt.write_bytes({"truncate": raw[:len(raw) // 2], "garbage": b"not a checkpoint",
-                      "foreign": raw}[damage])
+                      "foreign": raw, "other_weights": raw}[damage])
     if damage == "foreign":
         torch.save({"model": {}}, ckpt)                                  # a loadable file of the wrong kind
+    if damage == "other_weights":                                        # the right kind, weights that do not fit
+        torch.save(dict(torch.load(ckpt, weights_only=True), memory={}), ckpt)
     msg = one_line_error("train_memory.py", memory_args(data_dir, backbone, out))
     assert str(ckpt) in msg and ("delete it" in msg or "not the right kind" in msg)
 
@@ -188,7 +190,7 @@ def test_memory_checkpoint_of_other_options_is_refused(data_dir, backbone, tmp_p
     with pytest.raises(TB.UserError, match=r"memory_deltamem\.pt holds a memory with .*another --out_dir"):
         TM.train_one("deltamem", "deltamem", gpt, None, cfg8, "cpu")
     # a checkpoint from before a config field existed (key_conv) is the same memory: reused, not refused
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     del ckpt["mem_config"]["key_conv"]
     ckpt["iter_num"] = cfg["max_iters"]
     torch.save(ckpt, path)
@@ -202,6 +204,89 @@ def test_corrupt_default_backbone_checkpoint_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(TM.DEFAULTS, "backbone", str(path))
     with pytest.raises(TB.UserError, match=re.escape(str(path)) + " is corrupt or truncated.*delete it"):
         TM.ensure_backbone(dict(TM.DEFAULTS, backbone=str(path)))
+
+
+class MakesAFile:
+    """Unpickling this calls open(path, "w"): the file appears only if loading ran the file's code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(data_dir, backbone, tmp_path):
+    canary = tmp_path / "CANARY"
+    evil = tmp_path / "evil.pt"
+    torch.save({"memory": {}, "mem_config": {}, "backbone_hash": "0", "note": MakesAFile(str(canary))}, evil)
+    eps = tmp_path / "eps.jsonl"
+    tasks.save_jsonl(eps, EDGE)
+    msg = one_line_error("train_memory.py", memory_args(data_dir, backbone, tmp_path, "--eval_only",
+                                                        f"--memory={evil}", f"--episodes={eps}"))
+    refusal = re.escape(f"{evil} holds objects that loading would have to run code for (") + r"(io|builtins)\.open\)"
+    assert re.search(refusal, msg) and "delete it and train again" in msg
+    with pytest.raises(ValueError, match="run code for"):
+        DeltaMemGPT.load_memory(evil, load_backbone(backbone)[0])
+    assert not canary.exists()
+    torch.load(evil, weights_only=False)                                 # the file really does run code
+    assert canary.exists()
+
+
+def plain(x):
+    """Tensors and plain Python values only: all a checkpoint of this project may hold."""
+    if isinstance(x, dict):
+        return all(isinstance(k, (str, int)) and plain(v) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return all(plain(v) for v in x)
+    return isinstance(x, (torch.Tensor, str, int, float, bool, type(None)))
+
+
+def test_every_kind_of_checkpoint_the_project_writes_holds_only_plain_values(data_dir, tmp_path):
+    args = backbone_args(data_dir, tmp_path, "--max_iters=5", "--block_size=128")
+    bb = TB.train(TB.parse_config(args, TB.DEFAULTS, TB.PRESETS))
+    TM.main(memory_args(data_dir, bb, tmp_path, "--max_iters=2", "--baselines=lora,hebbian"))
+    paths = sorted(tmp_path.glob("*.pt"))
+    assert [p.name for p in paths] == ["backbone.pt", "memory_deltamem.pt", "memory_hebbian.pt", "memory_lora.pt"]
+    for p in paths:
+        ckpt = torch.load(p, weights_only=True)
+        assert plain(ckpt) and "optimizer" in ckpt and "history" in ckpt, p.name   # the full training checkpoints
+
+
+@pytest.mark.parametrize("ckpt,says", [
+    (dict(model=0, config={}), "'model' is int, expected dict of tensors"),
+    (dict(model={"w": 0}, config={}), "'model' is dict, expected dict of tensors"),
+    (dict(model={}, config=[]), "'config' is list, expected dict"),
+    (dict(model={}, config={"n_layers": 2}), "does not fit this code (GPTConfig.__init__() got an unexpected"),
+    (dict(model={"w": torch.zeros(2)}, config={}), "does not fit this code (Error(s) in loading state_dict"),
+])
+def test_a_backbone_checkpoint_with_wrong_entries_is_one_line(data_dir, tmp_path, ckpt, says):
+    path = tmp_path / "x.pt"
+    torch.save(ckpt, path)
+    msg = one_line_error("train_memory.py", memory_args(data_dir, path, tmp_path))
+    assert msg.startswith(str(path)) and says in msg and "pass the right file" in msg
+
+
+def test_cli_prints_one_line_for_a_backbone_entry_of_the_wrong_type(data_dir, tmp_path):
+    torch.save({"model": 0, "config": {}}, tmp_path / "x.pt")            # the issue's file: was a TypeError traceback
+    msg = cli_error("train_memory.py", memory_args(data_dir, tmp_path / "x.pt", tmp_path))
+    assert f"{tmp_path / 'x.pt'} is not the right kind of checkpoint ('model' is int" in msg
+
+
+def test_a_memory_checkpoint_with_wrong_entries_is_refused(backbone, tmp_path):
+    gpt, _ = load_backbone(backbone)
+    good = tmp_path / "good.pt"
+    DeltaMemGPT(gpt, MemoryConfig(rank=4)).save_memory(str(good))
+    ckpt = torch.load(good, weights_only=True)
+    cases = {"'backbone_hash' is int, expected str": dict(ckpt, backbone_hash=5),
+             "'mem_config' is str, expected dict": dict(ckpt, mem_config="rank=4"),
+             "does not fit this code (MemoryConfig.__init__() got an unexpected": dict(ckpt, mem_config={"ranks": 4}),
+             "does not fit this code (Error(s) in loading state_dict": dict(ckpt, memory={})}
+    for says, bad in cases.items():
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(ValueError) as e:
+            DeltaMemGPT.load_memory(tmp_path / "bad.pt", gpt)
+        assert str(e.value).startswith(str(tmp_path / "bad.pt")) and says in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("flag,valid", [
@@ -270,7 +355,7 @@ def test_nan_loss_stops_memory_training_and_keeps_last_checkpoint(data_dir, back
     with pytest.raises(TB.UserError, match=r"loss became nan at iteration 4; the last good checkpoint is .*"
                                            r"memory_deltamem\.pt\. Try a lower --learning_rate"):
         TM.train_one("deltamem", "deltamem", gpt, load_tokenizer(data_dir), cfg, "cpu")
-    assert torch.load(tmp_path / "memory_deltamem.pt", weights_only=False)["iter_num"] == 4  # saved at log 2, 4
+    assert torch.load(tmp_path / "memory_deltamem.pt", weights_only=True)["iter_num"] == 4  # saved at log 2, 4
 
 
 # ----------------------------------------------------------------------------------------------
