@@ -674,6 +674,7 @@ def parse_gold(ep: Episode) -> list[str]:
 # --------------------------------------------------------------------------------------------------------
 
 _FORMAT = 'each line must be {"sessions": [[line, ...], ...], "questions": [{"q": ..., "a": ..., "family": ...}]}'
+_ALL_FAMILIES = [f for families in FAMILIES.values() for f in families]  # the labels a file may use
 
 
 def save_jsonl(path, episodes: list[Episode]) -> None:
@@ -710,6 +711,9 @@ def _episode_from(obj) -> Episode:
             raise ValueError(f"question {i} needs the fields 'q', 'a' and 'family'")
         if not all(_is_text(q[k]) for k in ("q", "a", "family")):
             raise ValueError(f"question {i}: 'q', 'a' and 'family' must be non-empty one-line strings")
+        if q["family"] not in _ALL_FAMILIES:                            # a typo would score as a family of its own
+            raise ValueError(f"question {i}: family {q['family']!r} is unknown; 'family' must be one of "
+                             f"{', '.join(_ALL_FAMILIES)}")
         stale = q.get("stale", [])
         if not isinstance(stale, list) or not all(_is_text(x) for x in stale):
             raise ValueError(f"question {i}: 'stale' must be a list of strings")

@@ -316,16 +316,16 @@ GOOD = ('{"sessions": [["Session 1 (Day 1)", "Mia: Alice lives in Paris."]], '
 BAD_LINES = {
     "bad_json": '{"sessions": [[',
     "not_object": '[1, 2]',
-    "missing_sessions": '{"questions": [{"q": "x?", "a": "y", "family": "f"}]}',
+    "missing_sessions": '{"questions": [{"q": "x?", "a": "y", "family": "single_hop"}]}',
     "missing_questions": '{"sessions": [["a"]]}',
-    "empty_sessions": '{"sessions": [], "questions": [{"q": "x?", "a": "y", "family": "f"}]}',
-    "empty_session": '{"sessions": [[]], "questions": [{"q": "x?", "a": "y", "family": "f"}]}',
-    "session_not_strings": '{"sessions": [[1]], "questions": [{"q": "x?", "a": "y", "family": "f"}]}',
+    "empty_sessions": '{"sessions": [], "questions": [{"q": "x?", "a": "y", "family": "single_hop"}]}',
+    "empty_session": '{"sessions": [[]], "questions": [{"q": "x?", "a": "y", "family": "single_hop"}]}',
+    "session_not_strings": '{"sessions": [[1]], "questions": [{"q": "x?", "a": "y", "family": "single_hop"}]}',
     "no_questions": '{"sessions": [["a"]], "questions": []}',
-    "empty_question": '{"sessions": [["a"]], "questions": [{"q": "", "a": "y", "family": "f"}]}',
-    "empty_answer": '{"sessions": [["a"]], "questions": [{"q": "x?", "a": " ", "family": "f"}]}',
+    "empty_question": '{"sessions": [["a"]], "questions": [{"q": "", "a": "y", "family": "single_hop"}]}',
+    "empty_answer": '{"sessions": [["a"]], "questions": [{"q": "x?", "a": " ", "family": "single_hop"}]}',
     "missing_family": '{"sessions": [["a"]], "questions": [{"q": "x?", "a": "y"}]}',
-    "bad_task": '{"sessions": [["a"]], "questions": [{"q": "x?", "a": "y", "family": "f"}], "task": "chess"}',
+    "bad_task": '{"sessions": [["a"]], "questions": [{"q": "x?", "a": "y", "family": "single_hop"}], "task": "chess"}',
 }
 
 
@@ -338,6 +338,15 @@ def test_malformed_jsonl_raises_one_line_error_with_location(tmp_path, case):
     msg = str(e.value)
     assert "\n" not in msg and f"{path}:2:" in msg and "must" in msg
     assert isinstance(e.value, ValueError)
+
+
+def test_an_unknown_family_is_refused_naming_the_valid_ones(tmp_path):
+    path = _write(tmp_path / "typo.jsonl", GOOD + "\n" + GOOD.replace('"single_hop"', '"singlehop"') + "\n")
+    with pytest.raises(TaskFileError) as e:
+        load_jsonl(path)
+    msg = str(e.value)
+    assert f"{path}:2: question 0: family 'singlehop' is unknown" in msg
+    assert "single_hop, multi_hop, update, temporal, abstention, recall, forgetting, two_hop" in msg
 
 
 def test_malformed_files_raise_task_file_error(tmp_path):
