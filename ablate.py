@@ -508,7 +508,7 @@ def memory_trace(model, enc, ep, layer=-1):
         hook.remove()
     real = b["mask"].flatten()                                           # (W·L,) real tokens only
     x = seen[0].reshape(1, real.numel(), -1)                             # (1, W·L, d) padded windows
-    k, v, beta = (t[:, :, real] for t in mem._project(x, b["hist"].size(1)))  # (1, H, T, d_k|r|1) real only
+    k, v, beta, _ = (t[:, :, real] for t in mem.write_terms(x, b["hist"].size(1)))  # (1, H, T, d_k|r|1) real only
     x = x[:, real]                                                       # (1, T, d)
     beta = beta.expand(-1, -1, -1, cfg.rank)                             # (1, H, T, r) scalar gates too
     S = x.new_zeros(1, cfg.heads, cfg.rank, cfg.key_dim)

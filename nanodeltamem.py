@@ -217,8 +217,18 @@ class GPT(nn.Module):
 #   (3) a gated DeltaNet transition whose gate is per row: every row of S (one value coordinate) is
 #       its own scalar-gated delta rule with value dimension 1.
 # Two switches give the ablations: erase=False drops the -S k term (hebbian: S_t = S_{t-1} + β v kᵀ
-# when decay=False too), decay=False drops the (1-β) forgetting (the classic DeltaNet).
+# when decay=False too), decay=False drops the (1-β) forgetting (the classic DeltaNet). decay may also be
+# a tensor λ shaped like β: a decay gate of its own, S_t = diag(λ_t) S_{t-1} + diag(β_t)(v_t - S_{t-1} k_t) k_tᵀ
+# (as in Gated DeltaNet), so how long a row remembers no longer depends on how hard it writes.
 # β has shape (..., r) for row-wise gates or (..., 1) for one scalar gate shared by all rows.
+
+def keep_factors(beta, decay):
+    """What each token keeps of every state row: 1-β (decay=True, the paper's coupled rule), its own gate
+    λ (decay a tensor shaped like β), or None (decay=False: nothing decays)."""
+    if torch.is_tensor(decay):
+        return decay
+    return 1 - beta if decay else None
+
 
 def delta_rule_recurrent(q, k, v, beta, state, decay=True, erase=True):
     """The reference token loop (and the decode path): O(r d_k) work per token.
@@ -228,15 +238,17 @@ def delta_rule_recurrent(q, k, v, beta, state, decay=True, erase=True):
     """
     S = state
     reads = []
-    steps = zip(q.unbind(2), k.unbind(2), v.unbind(2), beta.unbind(2))  # unbind: one cheap backward
-    for q_t, k_t, v_t, b_t in steps:                                     # (B, H, d_k|r|1) each
+    keep = keep_factors(beta, decay)                                     # (B, H, T, r|1) or None
+    keeps = keep.unbind(2) if keep is not None else [None] * q.size(2)
+    steps = zip(q.unbind(2), k.unbind(2), v.unbind(2), beta.unbind(2), keeps)  # unbind: one cheap backward
+    for q_t, k_t, v_t, b_t, a_t in steps:                                # (B, H, d_k|r|1) each
         b = b_t[..., None]                                               # (B, H, r|1, 1) row gates
         reads.append(S @ q_t[..., None])                                 # (B, H, r, 1) read first
         err = v_t[..., None]                                             # (B, H, r, 1)
         if erase:
             err = err - S @ k_t[..., None]                               # v - S k: what is missing
-        keep = (1 - b) * S if decay else S                               # (B, H, r, d_k)
-        S = keep + b * err * k_t[..., None, :]                           # (B, H, r, d_k)
+        kept = a_t[..., None] * S if a_t is not None else S              # (B, H, r, d_k)
+        S = kept + b * err * k_t[..., None, :]                           # (B, H, r, d_k)
     return torch.cat(reads, dim=-1).transpose(-1, -2), S                # (B, H, T, r), final S
 
 
@@ -255,7 +267,7 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
     """The same recurrence, C = chunk_size tokens at a time (WY / UT form, Yang et al. 2024).
 
     Per state row (drop the row index; s is that row, a d_k vector, v_t a scalar), in one chunk with
-    start state s_0, let a_t = 1-β_t (or 1 without decay), G_t = Σ_{j<=t} log a_j and γ_t = exp(G_t).
+    start state s_0, let a_t = 1-β_t (or λ_t, or 1 without decay), G_t = Σ_{j<=t} log a_j and γ_t = exp(G_t).
       * Unroll the update: s_t = γ_t s_0 + Σ_{i<=t} (γ_t/γ_i) u_i k_i, with the effective write
         u_t = β_t (v_t - s_{t-1}·k_t).
       * Substitute s_{t-1}: u_t + β_t Σ_{i<t} (γ_{t-1}/γ_i)(k_t·k_i) u_i = β_t v_t - β_t γ_{t-1} (k_t·s_0),
@@ -275,17 +287,21 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
     B, H, T, dk = q.shape
     r, R = v.size(-1), beta.size(-1)                                     # R gate groups of m rows
     m = r // R
+    keep = decay if torch.is_tensor(decay) else torch.ones_like(beta)    # (B, H, T, r|1) λ (unused if decay=True)
     pad = (-T) % chunk_size                                              # pad T with no-op tokens:
-    if pad:                                                              # β = 0 neither decays nor writes
+    if pad:                                                              # β = 0 writes nothing, λ = 1 keeps all
         q, k, v, beta = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, beta))
+        keep = F.pad(keep, (0, 0, 0, pad), value=1.0)
     n, C = (T + pad) // chunk_size, chunk_size
     q = q.reshape(B, H, n, 1, C, dk)                                     # (B, H, n, 1, C, d_k)
     k = k.reshape(B, H, n, 1, C, dk)
     v = v.reshape(B, H, n, C, R, m).transpose(-3, -2)                    # (B, H, n, R, C, m)
     b = beta.reshape(B, H, n, C, R).transpose(-1, -2)[..., None]         # (B, H, n, R, C, 1)
+    a = keep.reshape(B, H, n, C, R).transpose(-1, -2)[..., None]         # (B, H, n, R, C, 1)
 
-    # log a_t; β is kept below 1: a saturated sigmoid (β = 1) would give log 0 and a NaN gradient
-    g = torch.log1p(-b.clamp(max=1 - 1e-6)) if decay else torch.zeros_like(b)  # (B, H, n, R, C, 1)
+    # log a_t, kept finite: a saturated gate (β = 1 or λ = 0) would give log 0 and a NaN gradient;
+    # log1p(-β) rather than log(1 - β): exact for β near 1
+    g = torch.log1p(-b.clamp(max=1 - 1e-6)) if decay is True else a.clamp(min=1e-6).log()  # (B, H, n, R, C, 1)
     G = g.cumsum(-2)                                                     # (B, H, n, R, C, 1) G_t
     G_prev = G - g                                                       # G_{t-1}
     # D: the upper triangle masked by a 0/1 factor after exp(), not as -inf before it (slow on CPU)
@@ -327,6 +343,7 @@ def delta_rule_scan(q, k, v, beta, state=None, chunk_size=None, decay=True, eras
     q, k (B, H, T, d_k) unit vectors; v (B, H, T, r); beta (B, H, T, r) or (B, H, T, 1);
     state (B, H, r, d_k) or None for S_0 = 0. read[..., t, :] = S_{t-1} q_t (read before write).
     chunk_size=None runs the token loop, an int the chunkwise form; both give the same numbers.
+    decay: True (keep 1-β), False (keep everything) or a tensor λ shaped like beta (keep λ).
     Always computed in float32, also under autocast.
     """
     B, H, T, dk = q.shape
@@ -337,6 +354,7 @@ def delta_rule_scan(q, k, v, beta, state=None, chunk_size=None, decay=True, eras
         state = q.new_zeros(B, H, r, dk, dtype=torch.float32)
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, v, beta, state = (x.float() for x in (q, k, v, beta, state))
+        decay = decay.float() if torch.is_tensor(decay) else decay
         if chunk_size is None:
             return delta_rule_recurrent(q, k, v, beta, state, decay, erase)
         if chunk_size < 1:
@@ -355,7 +373,8 @@ class MemoryConfig:
     heads: int = 1             # H independent states per layer (H > 1: multi-state write, MSW)
     write: str = "token"       # token: one write per token (TSW) | segment: one per line (SSW)
     sides: str = "qo"          # which corrections: q (query), o (output) or qo (both)
-    update: str = "delta"      # delta | deltanet (no (1-β) decay) | hebbian (S += β v kᵀ: no erase, no decay)
+    update: str = "delta"      # delta (keep 1-β, the paper) | gated (keep λ, a gate of its own) | deltanet (no
+                               # decay) | hebbian (S += β v kᵀ: no erase, no decay)
     gates: str = "rowwise"     # rowwise: one β per state row | scalar: one β per state
     layers: tuple = None       # indices of the layers that carry memory; None = all
     alpha: float = 16.0        # correction scale s = alpha / rank (as LoRA)
@@ -363,10 +382,11 @@ class MemoryConfig:
     init: str = "paper"        # B_q, B_o init: paper (0.05 x columns of W_q, W_o) | zero
     chunk_size: int = 8        # chunkwise scan's chunk (None: token loop, for reference)
     key_conv: int = 1          # a write key sees its last key_conv tokens (1: only its own, as in the paper)
+    decay_bias: float = 6.0    # update=gated: b_λ at init, λ = sigmoid(6) ≈ 0.9975 kept per token
 
     def __post_init__(self):
         choices = dict(write=("token", "segment"), sides=("q", "o", "qo"),
-                       update=("delta", "deltanet", "hebbian"), gates=("rowwise", "scalar"), init=("paper", "zero"))
+                       update=("delta", "gated", "deltanet", "hebbian"), gates=("rowwise", "scalar"), init=("paper", "zero"))
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
@@ -379,8 +399,9 @@ class MemoryConfig:
             self.layers = tuple(self.layers)
 
     def rule(self):
-        """The scan's switches for `update`: delta decays and erases, deltanet only erases, hebbian neither."""
-        return dict(decay=self.update == "delta", erase=self.update != "hebbian")
+        """The scan's switches for `update`: delta decays (1-β) and erases, gated decays by its own gate
+        (DeltaMemory passes λ) and erases, deltanet only erases, hebbian neither."""
+        return dict(decay=self.update in ("delta", "gated"), erase=self.update != "hebbian")
 
 
 class DeltaMemory(nn.Module):
@@ -390,6 +411,7 @@ class DeltaMemory(nn.Module):
         k̃_t = L2norm(tanh(A_k h_t))  (d_k)     write key (key_conv = K > 1: Σ_{j<K} w_j ∘ A_k h_{t-j} inside)
         v_t = A_v h_t                (r)       value
         β_t = sigmoid(W_β h_t + b_β)  (r or 1)  write strength per state row
+        λ_t = sigmoid(W_λ h_t + b_λ)  (r or 1)  update=gated only: what a row keeps (else 1-β_t, or 1)
         read_t = S_{t-1} q̃_t, then S_t = diag(1-β_t) S_{t-1} + diag(β_t)(v_t - S_{t-1} k̃_t) k̃_tᵀ
         dq_t = s B_q read_t,  do_t = s B_o read_t      (s = alpha / r; reads of all heads concatenated)
 
@@ -405,14 +427,21 @@ class DeltaMemory(nn.Module):
         self.A_k = nn.Linear(d, H * dk, bias=False)
         self.A_v = nn.Linear(d, H * r, bias=False)
         # key_conv = K > 1: k̃_t = L2norm(tanh(Σ_{j<K} w_j ∘ A_k h_{t-j})), a causal depthwise convolution
-        # inside each window (the short convolution of DeltaNet / Mamba), w_0 = 1 and the rest 0 at
-        # init. Why: at a value token h_t may not say whose value it is; the name sits a few tokens back.
+        # inside each window (the short convolution of DeltaNet / Mamba), w_j = 1/K at init. Why: at a
+        # value token h_t may not say whose value it is; the name sits a few tokens back, and a key that
+        # mixes it in from step 0 gives the gradient something to find.
         self.key_conv = None                                             # (K, H·d_k) weights w_j
         if cfg.key_conv > 1:
-            self.key_conv = nn.Parameter(torch.eye(cfg.key_conv, 1).expand(-1, H * dk).clone())
-        self.W_beta = nn.Linear(d, H * (r if cfg.gates == "rowwise" else 1), bias=True)
+            self.key_conv = nn.Parameter(torch.full((cfg.key_conv, H * dk), 1.0 / cfg.key_conv))
+        gate = H * (r if cfg.gates == "rowwise" else 1)
+        self.W_beta = nn.Linear(d, gate, bias=True)
         nn.init.zeros_(self.W_beta.weight)                               # β starts the same everywhere
         nn.init.constant_(self.W_beta.bias, cfg.gate_bias)
+        self.W_lambda = None                                             # update=gated: the decay's own gate,
+        if cfg.update == "gated":                                        # slow at init (a fact 232 tokens back
+            self.W_lambda = nn.Linear(d, gate, bias=True)                # keeps sigmoid(6)^232 ≈ 0.56)
+            nn.init.zeros_(self.W_lambda.weight)
+            nn.init.constant_(self.W_lambda.bias, cfg.decay_bias)
         self.B_q = nn.Linear(H * r, d, bias=False) if "q" in cfg.sides else None
         self.B_o = nn.Linear(H * r, d, bias=False) if "o" in cfg.sides else None
         for B in (self.B_q, self.B_o):
@@ -434,9 +463,15 @@ class DeltaMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
 
-    def _project(self, x, n_windows=1):
+    def read_query(self, x):
+        """Unit read queries q̃ (B, H, T, d_k) of x (B, T, d)."""
+        return F.normalize(torch.tanh(self._heads(self.A_q(x), self.cfg.key_dim)), dim=-1)
+
+    def write_terms(self, x, n_windows=1, real=None):
         """Write-side projections of x (B, T, d), T = n_windows windows of equal (padded) length: unit
-        keys, values and gates, split into heads.
+        keys k (B, H, T, d_k), values v (B, H, T, r), write gates β and keep factors (what every token keeps
+        of each state row: 1-β, λ, or 1), both (B, H, T, r|1). real (B, 1, T, 1): padding neither writes
+        nor decays.
 
         With key_conv = K > 1 the convolution restarts in every window (K-1 zeros before its first
         token), and padding only ever follows a window's real tokens: so a key depends on its own window
@@ -450,8 +485,13 @@ class DeltaMemory(nn.Module):
             a = a.reshape(B, T, E)                                       # Σ_j w_j ∘ a_{t-j}, back to one stream
         k = F.normalize(torch.tanh(self._heads(a, self.cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
         v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
-        beta = torch.sigmoid(self._heads(self.W_beta(x), self.W_beta.out_features // self.cfg.heads))
-        return k, v, beta                                                # beta (B, H, T, r|1)
+        gate = lambda W: torch.sigmoid(self._heads(W(x), W.out_features // self.cfg.heads))  # (B, H, T, r|1)
+        beta = gate(self.W_beta) if real is None else gate(self.W_beta) * real
+        if self.W_lambda is not None:
+            keep = gate(self.W_lambda) if real is None else 1 - (1 - gate(self.W_lambda)) * real
+        else:
+            keep = 1 - beta if self.cfg.update == "delta" else torch.ones_like(beta)
+        return k, v, beta, keep
 
     def forward(self, h, write=False, n_windows=1, mask=None, seg=None):
         """h (N, L, d) with N = B * n_windows: window w of episode b is row b * n_windows + w.
@@ -465,7 +505,7 @@ class DeltaMemory(nn.Module):
         N, L, d = h.shape
         B, T = N // n_windows, n_windows * L
         x = h.reshape(B, T, d)                                           # (B, T, d) one stream
-        q = F.normalize(torch.tanh(self._heads(self.A_q(x), cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
+        q = self.read_query(x)                                           # (B, H, T, d_k)
         S = self.state
         if S is None:
             S = x.new_zeros(B, cfg.heads, cfg.rank, cfg.key_dim, dtype=torch.float32)
@@ -474,10 +514,9 @@ class DeltaMemory(nn.Module):
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
         elif cfg.write == "token":                                       # TSW: every token writes
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
-            k, v, beta = self._project(x, n_windows)
-            beta = beta * real                                           # padding: β = 0, a no-op
+            k, v, beta, keep = self.write_terms(x, n_windows, real)     # padding: β = 0, keep 1, a no-op
             self.last_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
-            read, S = delta_rule_scan(q, k, v, beta, S, **scan)
+            read, S = delta_rule_scan(q, k, v, beta, S, **self._decay(scan, keep))
         else:                                                            # SSW: every line writes once
             read, S = self._segment_write(h, q, S, n_windows, seg, scan)
         self.state = S
@@ -485,6 +524,10 @@ class DeltaMemory(nn.Module):
         dq = self.scale * self.B_q(read) if self.B_q is not None else None   # (N, L, d)
         do = self.scale * self.B_o(read) if self.B_o is not None else None   # (N, L, d)
         return dq, do
+
+    def _decay(self, scan, keep):
+        """The scan's decay argument: the gate λ itself for update=gated, else the rule's switch."""
+        return dict(scan, decay=keep) if self.W_lambda is not None else scan
 
     def _segment_write(self, h, q, S, n_windows, seg, scan):
         """SSW: mean-pool h over each line and write once per line; tokens read the state that held
@@ -499,14 +542,16 @@ class DeltaMemory(nn.Module):
         count = onehot.sum(1)                                            # (N, M) tokens per line
         pooled = onehot.transpose(1, 2) @ h / count.clamp_min(1)[..., None]  # (N, M, d) line means
         real = (count > 0).to(h.dtype).reshape(B, 1, W * M, 1)
-        k, v, beta = self._project(pooled.reshape(B, W * M, d), W)      # (B, H, W·M, ·)
-        beta = beta * real                                               # empty lines never write
+        k, v, beta, keep = self.write_terms(pooled.reshape(B, W * M, d), W, real)  # (B, H, W·M, ·) empty lines:
+                                                                         # no write, no decay
         self.last_beta = beta.sum() / (real.sum() * H * beta.size(-1))  # mean β (regulariser)
 
         def steps(tok, line):                                            # (B, H, W, L+M, ·) interleave
             return torch.cat([tok.reshape(B, H, W, L, -1), line.reshape(B, H, W, M, -1)], 3).flatten(2, 3)
 
         z = lambda t, n: t.new_zeros(B, H, W * n, t.size(-1))
+        one = lambda t, n: t.new_ones(B, H, W * n, t.size(-1))
+        scan = self._decay(scan, steps(one(keep, L), keep))              # token steps keep everything
         read, S = delta_rule_scan(steps(q, z(q, M)), steps(z(k, L), k), steps(z(v, L), v),
                                   steps(z(beta, L), beta), S, **scan)   # (B, H, W·(L+M), r)
         read = read.reshape(B, H, W, L + M, -1)[:, :, :, :L].reshape(B, H, W * L, -1)  # (B, H, T, r)
