@@ -24,12 +24,14 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
                           IGNORE_INDEX, unfit)
 from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, model_logits,
                             normalize_answer, exact_match, check_positive, check_ranges, check_device, score)
 import train_backbone
+from data import tasks
 
 DEFAULTS = dict(
     preset="cpu",
@@ -40,15 +42,19 @@ DEFAULTS = dict(
     episode_preset="small",       # size of the training/evaluation episodes (data/tasks.py presets)
     # the memory (nanodeltamem.MemoryConfig)
     key_dim=8, rank=8, heads=1, write="token", sides="qo", update="delta", gates="rowwise",
-    layers="all", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=1,
+    layers="all", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=1, decay_bias=6.0,
     # training
     max_iters=120, batch_size=16, learning_rate=1e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
     read_window_share=1.0,        # share of steps whose questions see the last read_window history tokens
                                   # (the others see none): 0.5 trains one memory for both read budgets
     general_reg=0.5, general_len=64,  # + general_reg x LM loss of corpus text read with the episode's state
+    state_margin=0.0,             # + state_margin x softplus(1 - (loss with another episode's state - own loss))
+    bind_reg=0.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
+    dense_questions=False,        # training msqa episodes ask about every stated fact (reads are cheap)
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=20, val_episodes=64,
+    diagnose=True,                # retention, key separation and read margin per layer in the progress line
     # evaluation
     baselines="lora,hebbian",     # which trained baselines to train and compare ("" for none)
     eval_episodes=24,             # held-out episodes per split (iid and every held-out axis)
@@ -125,7 +131,7 @@ def memory_config(cfg, **over):
     kw = dict(key_dim=cfg["key_dim"], rank=cfg["rank"], heads=cfg["heads"], write=cfg["write"],
               sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
               gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"],
-              key_conv=cfg["key_conv"])
+              key_conv=cfg["key_conv"], decay_bias=cfg["decay_bias"])
     kw.update(over)
     try:
         return MemoryConfig(**kw)
@@ -144,8 +150,8 @@ def condition_name(cfg):
         name += f"_{cfg['sides']}"
     if cfg["update"] == "hebbian":
         name = name.replace("deltamem", "hebbian")
-    if cfg["update"] == "deltanet":
-        name += "_deltanet"
+    if cfg["update"] in ("deltanet", "gated"):
+        name += f"_{cfg['update']}"
     return name
 
 
@@ -175,6 +181,9 @@ def sample_episodes(rng, cfg, n, split="train"):
         if task == "recall" and cfg.get("n_pairs"):                     # a fixed number of pairs (ablate.py)
             out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))
             continue
+        if task == "msqa" and cfg["dense_questions"]:                    # every stated fact asked once
+            out.append(tasks.make_msqa(rng, cfg["episode_preset"], split, dense=True))
+            continue
         out.append(tasks.make_episode(rng, task=task, preset=cfg["episode_preset"], split=split))
     return out
 
@@ -185,16 +194,30 @@ def beta_mean(model):
     return torch.stack(vals).mean() if vals else None
 
 
-def episode_loss(model, batch, cfg, device, general=None):
+def episode_loss(model, batch, cfg, device, general=None, sites=None):
     """Write pass over the histories, then the answer loss of the read pass (+ the β regulariser).
 
     general: optional (x, y) rows of ordinary corpus text (B, 1, L): read with the same states, their LM
     loss (x general_reg) teaches the memory to stay quiet on text that is not about its history.
     """
     model.reset_memory()
-    model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device),
-          logits=False)
-    _, loss = model(batch["qx"].to(device), batch["qy"].to(device))
+    with LayerInputs(model) as seen:
+        model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device),
+              logits=False)
+        writes = dict(seen)                                              # (B·W, L, d) per memory layer
+        qx, qy = batch["qx"].to(device), batch["qy"].to(device)
+        _, loss = model(qx, qy)
+        reads = dict(seen)                                               # (B·Q, Lq, d)
+    if sites is not None and cfg["bind_reg"] > 0:
+        bind = binding_loss(model, writes, reads, sites, batch["hist"].size(1), qx.size(1))
+        if bind is not None:
+            loss = loss + cfg["bind_reg"] * bind
+    if cfg["state_margin"] > 0 and model.memory_state():                 # the official trainer's state anchor:
+        own = model.memory_state()                                       # the answers must cost more with the
+        model.set_memory_state([s.roll(1, 0) for s in own])              # next episode's state than with their
+        _, shuffled = model(qx, qy)                                      # own, so the prior alone earns nothing
+        model.set_memory_state(own)
+        loss = loss + cfg["state_margin"] * F.softplus(1.0 - (shuffled - loss))
     b = beta_mean(model)
     if b is not None:
         loss = loss + cfg["beta_reg"] * (b - cfg["beta_target"]) ** 2
@@ -260,12 +283,15 @@ def train_one(kind, name, gpt, enc, cfg, device):
     print(f"[{name}] training {t:,} parameters ({100 * t / (t + f):.2f}% of {t + f:,}); backbone frozen")
     pad = enc.eot_token
     corpus = CorpusRows(cfg["data_dir"]) if cfg["general_reg"] > 0 else None
-    val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7), cfg, cfg["val_episodes"], split="train")
+    val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7), dict(cfg, dense_questions=False),  # the
+                              cfg["val_episodes"], split="train")                   # same for every recipe
 
     def save(it):
         model.save_memory(path, optimizer=opt.state_dict(), iter_num=it, history=history,
                           train_config=dict(cfg, kind=kind))
 
+    if cfg["diagnose"] and kind != "lora" and start == 0:                # the instruments at init
+        print(f"[{name}] at init: {diagnosis_line(diagnose(model, enc, val_eps, device))}", flush=True)
     t0 = t_last = time.time()
     running = []
     it = start
@@ -284,7 +310,8 @@ def train_one(kind, name, gpt, enc, cfg, device):
                 g["lr"] = train_backbone.lr_at(it, cfg)
             model.train()
             general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
-            loss = episode_loss(step, batch, cfg, device, general)
+            sites = binding_sites(enc, eps, batch, gpt.config.block_size) if cfg["bind_reg"] > 0 else None
+            loss = episode_loss(step, batch, cfg, device, general, sites)
             if not torch.isfinite(loss):
                 raise UserError(f"[{name}] loss became {loss.item()} at iteration {it}; the last good checkpoint "
                                 f"is {path}. Try a lower --learning_rate (now {cfg['learning_rate']})")
@@ -295,14 +322,17 @@ def train_one(kind, name, gpt, enc, cfg, device):
             running.append(loss.item())
             it += 1
             if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
-                acc = answer_accuracy(model, enc, val_eps, cfg, device)
+                acc, abst = answer_accuracy(model, enc, val_eps, cfg, device)
                 dt = (time.time() - t_last) / len(running)
-                ntok = batch["hist"].numel() + batch["qx"].numel()
                 b = beta_mean(model)
-                print(f"[{name}] iter {it:4d}/{cfg['max_iters']} | loss {np.mean(running):.3f} | val answer acc "
-                      f"{acc:.2f} | β {b.item() if b is not None else 0:.3f} | {dt * 1000:.0f} ms/iter | "
-                      f"{ntok / dt:,.0f} tok/s | ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
-                history.append(dict(iter=it, train=float(np.mean(running)), val_acc=acc))
+                diag = diagnose(model, enc, val_eps, device) if cfg["diagnose"] and kind != "lora" else {}
+                print(f"[{name}] iter {it:4d}/{cfg['max_iters']} | loss {np.mean(running):.3f} | val fact acc "
+                      f"{acc:.2f} abstention {abst:.2f} | β {b.item() if b is not None else 0:.3f} | "
+                      f"{1 / dt:.1f} steps/s | ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
+                if diag:
+                    print(f"[{name}]   {diagnosis_line(diag)}", flush=True)
+                history.append(dict(iter=it, train=float(np.mean(running)), val_acc=acc, val_abstention=abst,
+                                    diagnostics=diag))
                 running, t_last = [], time.time()
                 save(it)
     except KeyboardInterrupt:
@@ -318,8 +348,8 @@ def train_one(kind, name, gpt, enc, cfg, device):
 
 @torch.no_grad()
 def answer_accuracy(model, enc, episodes, cfg, device):
-    """Teacher-forced accuracy: every answer token is the argmax (a fast proxy for exact match)."""
-    from data import tasks
+    """Teacher-forced accuracy: every answer token is the argmax (a fast proxy for exact match), on the
+    fact questions (every family but abstention) and on the abstention questions: (fact, abstention)."""
     model.eval()
     batch = tasks.collate_episodes(enc, episodes, model.gpt.config.block_size, enc.eot_token, cfg["read_window"])
     model.reset_memory()
@@ -328,9 +358,168 @@ def answer_accuracy(model, enc, episodes, cfg, device):
     logits, _ = model(batch["qx"].to(device))
     y = batch["qy"].flatten(0, 1).to(device)                            # (B·Q, Lq)
     ok = (logits.argmax(-1) == y) | (y == IGNORE_INDEX)
-    has = (y != IGNORE_INDEX).any(-1)
+    has = (y != IGNORE_INDEX).any(-1)                                   # (B·Q,) real questions
+    Q = batch["qx"].size(1)
+    abst = torch.tensor([i < len(ep.questions) and ep.questions[i].family == "abstention"
+                         for ep in episodes for i in range(Q)], device=device)
     model.train()
-    return float(ok.all(-1)[has].float().mean())
+    acc = lambda sel: float(ok.all(-1)[sel].float().mean()) if sel.any() else float("nan")
+    return acc(has & ~abst), acc(has & abst)
+
+
+# ----------------------------------------------------------------------------------------------
+# diagnostics: why a memory does or does not bind (train-side episodes only)
+# ----------------------------------------------------------------------------------------------
+
+def fact_sites(enc, ep, window):
+    """Where an episode's facts sit in its memory stream, and which fact each question asks.
+
+    Returns (sites, asked): sites [(window, offset)] of every stated value's first token; asked [site
+    index or None] per question: the latest statement of the gold answer (None: abstention, a session
+    number, or an answer not stated)."""
+    runs = []                                                            # (window, first token) of every line
+    for w, (_, seg) in enumerate(tasks.encode_history(enc, ep, window)):
+        runs += [(w, i) for i, s in enumerate(seg) if i == 0 or seg[i - 1] != s]
+    lines = [line for session in ep.sessions for line in session]
+    if len(runs) != len(lines):                                          # a line cut across windows: skip it
+        return [], [None] * len(ep.questions)
+    sites, values = [], []
+    for (w, start), line in zip(runs, lines):
+        for _, _, value in tasks.line_facts(line, ep.task):
+            at = line.rfind(" " + value)                                 # values come last in their statement
+            sites.append((w, start + len(enc.encode_ordinary(line[:at]))))
+            values.append(value)
+    asked = []
+    for q in ep.questions:
+        hits = [i for i, v in enumerate(values) if v == q.a and q.family != "abstention"]
+        asked.append(hits[-1] if hits else None)
+    return sites, asked
+
+
+class LayerInputs:
+    """with LayerInputs(model) as seen: ... -> seen[i] is memory layer i's last input h (N, L, d)."""
+
+    def __init__(self, model):
+        self.model, self.seen, self.hooks = model, {}, []
+
+    def __enter__(self):
+        for i, mem in self.model.memories.items():
+            self.hooks.append(mem.register_forward_pre_hook(lambda m, args, i=i: self.seen.__setitem__(i, args[0])))
+        return self.seen
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+
+def binding_sites(enc, episodes, batch, block_size):
+    """Per episode: stream positions (T,) of its facts' value tokens and [(question, read position, asked
+    fact)] for the questions whose answer is a stated fact (fact_sites, in the batch's padded layout)."""
+    W, L = batch["hist"].shape[1:]
+    Lq = batch["qx"].size(-1)
+    answer_at = (batch["qy"] != IGNORE_INDEX).float().argmax(-1)        # (B, Q) the last prompt token
+    out = []
+    for b, ep in enumerate(episodes):
+        sites, asked = fact_sites(enc, ep, block_size)
+        pos = torch.tensor([w * L + o for w, o in sites], dtype=torch.long)
+        reads = [(j, j * Lq + int(answer_at[b, j]), a) for j, a in enumerate(asked) if a is not None]
+        out.append((pos, reads if len(sites) > 1 else []))
+    return out
+
+
+def binding_loss(model, writes, reads, sites, W, Q, tau=0.1):
+    """Key-query matching, trained directly: at each answer, a softmax over the episode's facts of
+    q̃·k̃ / tau must pick the asked fact's write key (an InfoNCE term; the rest of the memory is untouched).
+    writes / reads: LayerInputs of the write and read passes; sites: binding_sites."""
+    losses = []
+    for i, mem in model.memories.items():
+        if not hasattr(mem, "write_terms"):                               # LoRA: no keys
+            continue
+        B = len(sites)
+        k = mem.write_terms(writes[i].reshape(B, -1, writes[i].size(-1)), W)[0]  # (B, H, T, d_k)
+        q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)))   # (B, H, Q·Lq, d_k)
+        for b, (pos, asked) in enumerate(sites):
+            if not asked:
+                continue
+            ks = k[b, :, pos.to(k.device)]                               # (H, F, d_k)
+            qs = q[b, :, [p for _, p, _ in asked]]                       # (H, A, d_k)
+            logits = (qs @ ks.transpose(-1, -2)).mean(0) / tau           # (A, F)
+            target = torch.tensor([a for _, _, a in asked], device=k.device)
+            losses.append(F.cross_entropy(logits, target))
+    return torch.stack(losses).mean() if losses else None
+
+
+def retention(keep, real, pos):
+    """∏ keep over the real tokens after each position: keep (H, T, r|1), real (T,) bool, pos (F,) ->
+    (F,) mean over heads and rows of what is left of a value written at pos when the history ends."""
+    logkeep = torch.where(real[None, :, None], keep.clamp_min(1e-30).log(), torch.zeros_like(keep))
+    after = logkeep.flip(1).cumsum(1).flip(1) - logkeep                 # (H, T, r|1) Σ log keep over later tokens
+    return after[:, pos].exp().mean(-1).mean(0)                         # (F,)
+
+
+def key_separation(keys):
+    """Mean |cos| between different facts' unit write keys (H, F, d_k): 0 orthogonal, 1 all collide."""
+    F_ = keys.size(1)
+    off = ~torch.eye(F_, dtype=torch.bool, device=keys.device)
+    return (keys @ keys.transpose(-1, -2)).abs()[:, off].mean()
+
+
+def read_margin(query, keys, asked):
+    """cos(query, the asked fact's key) - max cos(query, the other facts' keys), mean over heads.
+    query (H, d_k), keys (H, F, d_k) unit vectors; 1 for orthogonal keys and the asked key as query."""
+    c = (keys @ query[..., None])[..., 0]                               # (H, F)
+    others = torch.cat([c[:, :asked], c[:, asked + 1:]], 1)
+    return (c[:, asked] - others.max(1).values).mean()
+
+
+@torch.no_grad()
+def diagnose(model, enc, episodes, device):
+    """Per memory layer, over train-side episodes (design: instruments first):
+
+      retention   ∏ keep_t from each fact's value token to the end of the history (mean, min): how much of
+                  a written value (and of its gradient) is left when the question reads;
+      key_sep     mean |cos| between the write keys of different facts' value tokens (1: all keys collide);
+      margin      cos(q at the answer, k of the asked fact) - max cos(q, k of the episode's other facts):
+                  > 0 when the read finds the asked fact first.
+    """
+    model.eval()
+    batch = tasks.collate_episodes(enc, episodes, model.gpt.config.block_size, enc.eot_token)
+    W, L = batch["hist"].shape[1:]
+    with LayerInputs(model) as seen:                                     # each memory layer's input h
+        model.reset_memory()
+        model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device),
+              logits=False)
+        writes = dict(seen)                                              # (B·W, L, d) per layer
+        model(batch["qx"].to(device))
+        reads = dict(seen)                                               # (B·Q, Lq, d) per layer
+    B = len(episodes)
+    real = batch["mask"].reshape(B, W * L).to(device)                    # (B, T)
+    sites = binding_sites(enc, episodes, batch, model.gpt.config.block_size)
+    out = {}
+    for i, mem in model.memories.items():
+        k, _, _, keep = mem.write_terms(writes[i].reshape(B, W * L, -1), W)  # (B, H, T, d_k), (B, H, T, r|1)
+        q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)))   # (B, H, Q·Lq, d_k)
+        ret, sep, margin = [], [], []
+        for b, (pos, asked) in enumerate(sites):
+            if len(pos) == 0:
+                continue
+            pos = pos.to(device)
+            ret += retention(keep[b], real[b], pos).tolist()
+            if len(pos) > 1:
+                sep.append(key_separation(k[b, :, pos]).item())
+            margin += [read_margin(q[b, :, at], k[b, :, pos], a).item() for _, at, a in asked]
+        mean = lambda xs: float(np.mean(xs)) if xs else None
+        out[i] = dict(retention_mean=mean(ret), retention_min=float(np.min(ret)) if ret else None,
+                      key_sep=mean(sep), margin=mean(margin))
+    model.train()
+    return out
+
+
+def diagnosis_line(diag):
+    """One short line: the layers' diagnostics, layer by layer."""
+    f = lambda v: "–" if v is None else f"{v:.2f}"
+    return " ".join(f"L{i}[ret {f(d['retention_mean'])}/{f(d['retention_min'])} sep {f(d['key_sep'])} "
+                    f"margin {f(d['margin'])}]" for i, d in diag.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,14 +595,24 @@ def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
     return greedy_answers(fn, prompts, enc, new_tokens), hist_tokens
 
 
+def fact_em(per_family):
+    """The headline: macro EM over the families whose answer is stated in the history (all but abstention),
+    so a memory that only learned to say `unknown` scores 0 on it."""
+    facts = [v for f, v in per_family.items() if f != "abstention"]
+    return float(np.mean(facts)) if facts else 0.0
+
+
 def score_condition(preds, episodes):
     qs = [q for ep in episodes for q in ep.questions]
     per_family = score(preds, [q.a for q in qs], [q.family for q in qs])
     macro = per_family.pop("macro")
     stale = [normalize_answer(p) in {normalize_answer(s) for s in q.stale}    # answered an outdated value
              for p, q in zip(preds, qs) if q.family == "update" and q.stale]
-    return dict(macro_em=macro, per_family=per_family, stale_rate=float(np.mean(stale)) if stale else None,
-                n_questions=len(qs))
+    unknown = [exact_match(p, tasks.UNKNOWN) for p, q in zip(preds, qs) if q.family != "abstention"]
+    return dict(fact_em=fact_em(per_family), macro_em=macro, per_family=per_family,
+                abstention=per_family.get("abstention"),                # `unknown` when nothing was said
+                unknown_on_facts=float(np.mean(unknown)) if unknown else None,  # `unknown` to a stated fact
+                stale_rate=float(np.mean(stale)) if stale else None, n_questions=len(qs))
 
 
 def conditions(cfg, enc, gpt, memories):
@@ -458,10 +657,11 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
         i = 0
         for split, eps in episodes_by_split.items():
             nq = sum(len(e.questions) for e in eps)
-            per_split.setdefault(split, {})[name] = score_condition(preds[i:i + nq], eps)["macro_em"]
+            per_split.setdefault(split, {})[name] = score_condition(preds[i:i + nq], eps)["fact_em"]
             i += nq
         el = time.time() - t0
-        print(f"  {name:28s} macro EM {res['macro_em']:.3f} | history tokens {hist_tokens:6.1f} | "
+        print(f"  {name:28s} fact EM {res['fact_em']:.3f} | abstention {res['abstention'] or 0:.2f} | "
+              f"macro EM {res['macro_em']:.3f} | history tokens {hist_tokens:6.1f} | "
               f"ETA {fmt_time(el / (n + 1) * (len(conds) - n - 1))}", flush=True)
     return results, per_split, outcomes
 
@@ -490,19 +690,23 @@ def general_val_loss(cfg, enc, gpt, model, device, n_batches=8):
 
 def results_table(results):
     fams = sorted({f for r in results.values() for f in r["per_family"]})
-    head = "| condition | history tokens in context | trainable params | macro EM | " + " | ".join(fams) + " |"
-    rows = [head, "|" + "---|" * (4 + len(fams))]
+    pct = lambda v: f"{v:.2f}" if v is not None else "–"
+    head = ("| condition | history tokens in context | trainable params | **fact EM** | abstention | `unknown` to "
+            "a fact | macro EM | " + " | ".join(fams) + " |")
+    rows = [head, "|" + "---|" * (7 + len(fams))]
     for name, r in results.items():
         cells = [f"{r['per_family'].get(f, float('nan')):.2f}" for f in fams]
         rows.append(f"| {name} | {r['history_tokens_in_context']:.0f} | {r['trainable_params']:,} | "
-                    f"**{r['macro_em']:.3f}** | " + " | ".join(cells) + " |")
+                    f"**{r['fact_em']:.3f}** | {pct(r.get('abstention'))} | {pct(r.get('unknown_on_facts'))} | "
+                    f"{r['macro_em']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def resampled_macro(correct, family, counts):
-    """Macro EM of one condition in every bootstrap resample. correct (Q,) per question; family (Q,) its
-    family; counts (n, Q) how often the resample drew the question's episode. (n,)"""
-    fams = sorted(set(family))
+def resampled_fact_em(correct, family, counts):
+    """Fact EM (macro over every family but abstention) of one condition in every bootstrap resample.
+    correct (Q,) per question; family (Q,) its family; counts (n, Q) how often the resample drew the
+    question's episode. (n,)"""
+    fams = sorted(set(family) - {"abstention"})
     onehot = (np.asarray(family)[:, None] == np.asarray(fams)[None]).astype(float)  # (Q, F)
     hits = (counts * np.asarray(correct, dtype=float)) @ onehot         # (n, F) right answers per family
     asked = counts @ onehot                                              # (n, F) questions per family
@@ -511,7 +715,7 @@ def resampled_macro(correct, family, counts):
 
 
 def ratio_intervals(outcomes, pairs, n=1000, seed=0, level=0.9):
-    """Bootstrap intervals of ratios: resample the held-out episodes with replacement (an episode's
+    """Bootstrap intervals of fact-EM ratios: resample the held-out episodes with replacement (an episode's
     questions move together), rescore every condition, and keep the middle `level` of each ratio.
     pairs: {key: (condition, [baselines])} for the ratio condition / best baseline, the best taken again
     in every resample. Returns {key: [low, high] or None (a baseline scored 0 in some resample)}."""
@@ -519,7 +723,7 @@ def ratio_intervals(outcomes, pairs, n=1000, seed=0, level=0.9):
     E = int(episode.max()) + 1
     counts = np.random.default_rng(seed).multinomial(E, np.full(E, 1 / E), size=n)[:, episode]  # (n, Q)
     names = {c for num, dens in pairs.values() for c in (num, *dens)}
-    m = {c: resampled_macro(outcomes["correct"][c], outcomes["family"], counts) for c in sorted(names)}  # (n,) each
+    m = {c: resampled_fact_em(outcomes["correct"][c], outcomes["family"], counts) for c in sorted(names)}  # (n,)
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     out = dict(level=level, resamples=n)
     for key, (num, dens) in pairs.items():
@@ -529,23 +733,28 @@ def ratio_intervals(outcomes, pairs, n=1000, seed=0, level=0.9):
 
 
 def ratios(results, dm_name, budget, outcomes=None):
-    """δ-mem / frozen backbone and δ-mem / best non-δ-mem, at 0 history tokens (and at the budget);
-    with per-question outcomes, also their 90% bootstrap intervals over the episodes (ci90)."""
+    """On fact EM: δ-mem / frozen backbone, δ-mem / best non-δ-mem at 0 history tokens (and at the budget),
+    δ-mem / full context, and δ-mem attached to full context / full context; with per-question outcomes,
+    also their 90% bootstrap intervals over the episodes (ci90)."""
     ratio = lambda a, b: a / b if b > 0 else None                      # None: the baseline scored 0
-    dm = results[dm_name]["macro_em"]
-    non0 = {n: r["macro_em"] for n, r in results.items()
-            if not n.startswith("deltamem") and r["history_tokens_in_context"] < 0.5}
+    em = {n: r["fact_em"] for n, r in results.items()}
+    non0 = {n: v for n, v in em.items() if not n.startswith("deltamem") and results[n]["history_tokens_in_context"] < 0.5}
     best0 = max(non0, key=non0.get)
-    out = dict(vs_frozen_backbone=ratio(dm, results["no_history"]["macro_em"]),
-               vs_best_non_deltamem=ratio(dm, non0[best0]), best_non_deltamem=best0)
+    out = dict(vs_frozen_backbone=ratio(em[dm_name], em["no_history"]),
+               vs_best_non_deltamem=ratio(em[dm_name], non0[best0]), best_non_deltamem=best0)
     pairs = dict(vs_frozen_backbone=(dm_name, ["no_history"]), vs_best_non_deltamem=(dm_name, sorted(non0)))
+    if "full_context" in em:
+        out["vs_full_context"] = ratio(em[dm_name], em["full_context"])
+        pairs["vs_full_context"] = (dm_name, ["full_context"])
+        if f"{dm_name}_full_context" in em:                              # the paper's protocol: memory + context
+            out["full_context_with_memory_vs_without"] = ratio(em[f"{dm_name}_full_context"], em["full_context"])
     w = f"{dm_name}_w{budget}"
     if w in results:
-        nonw = {n: r["macro_em"] for n, r in results.items() if not n.startswith("deltamem")
-                and 0.5 <= r["history_tokens_in_context"] <= budget + 0.5}
+        nonw = {n: v for n, v in em.items() if not n.startswith("deltamem")
+                and 0.5 <= results[n]["history_tokens_in_context"] <= budget + 0.5}
         if nonw:
             bw = max(nonw, key=nonw.get)
-            out[f"vs_best_non_deltamem_at_{budget}"] = ratio(results[w]["macro_em"], nonw[bw])
+            out[f"vs_best_non_deltamem_at_{budget}"] = ratio(em[w], nonw[bw])
             out[f"best_non_deltamem_at_{budget}"] = bw
             pairs[f"vs_best_non_deltamem_at_{budget}"] = (w, sorted(nonw))
     if outcomes is not None:
@@ -567,9 +776,14 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
                       if r.get("ci90", {}).get(key) else "")
     md = (f"# Results ({cfg['task']}, episodes: {cfg['episode_preset']}, held-out splits: "
           f"{', '.join(per_split)})\n\n{table}\n\n"
+          f"Ratios of fact EM (every family but abstention):\n\n"
           f"- δ-mem / frozen backbone (0 history tokens): {x(r['vs_frozen_backbone'])}{ci('vs_frozen_backbone')}\n"
           f"- δ-mem / best non-δ-mem at 0 history tokens ({r['best_non_deltamem']}): "
           f"{x(r['vs_best_non_deltamem'])}{ci('vs_best_non_deltamem')}\n")
+    if "vs_full_context" in r:
+        md += f"- δ-mem (0 history tokens) / full context: {x(r['vs_full_context'])}{ci('vs_full_context')}\n"
+    if r.get("full_context_with_memory_vs_without") is not None:
+        md += f"- full context with δ-mem attached / without: {x(r['full_context_with_memory_vs_without'])}\n"
     W = cfg["budget"]
     if f"vs_best_non_deltamem_at_{W}" in r:
         md += (f"- δ-mem / best non-δ-mem at {W} history tokens ({r[f'best_non_deltamem_at_{W}']}): "
@@ -578,7 +792,7 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
         md += (f"- general validation loss: backbone {general['backbone']:.4f}, with memory attached after an "
                f"unrelated write {general['with_memory']:.4f} "
                f"({100 * (general['with_memory'] / general['backbone'] - 1):+.2f}%)\n")
-    md += "\nmacro EM per held-out split:\n\n| condition | " + " | ".join(per_split) + " |\n|---|" + \
+    md += "\nfact EM per held-out split:\n\n| condition | " + " | ".join(per_split) + " |\n|---|" + \
           "---|" * len(per_split) + "\n"
     for name in results:
         md += f"| {name} | " + " | ".join(f"{per_split[s][name]:.2f}" for s in per_split) + " |\n"
@@ -829,9 +1043,9 @@ def plot_results(results, path):
     fams = sorted({f for r in results.values() for f in r["per_family"]})
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4.5))
     w = 0.8 / (len(fams) + 1)
-    for j, f in enumerate(fams + ["macro"]):
-        vals = [results[n]["macro_em"] if f == "macro" else results[n]["per_family"].get(f, 0) for n in names]
-        ax.bar(np.arange(len(names)) + j * w, vals, w, label=f, edgecolor="black" if f == "macro" else None)
+    for j, f in enumerate(fams + ["fact EM"]):
+        vals = [results[n]["fact_em"] if f == "fact EM" else results[n]["per_family"].get(f, 0) for n in names]
+        ax.bar(np.arange(len(names)) + j * w, vals, w, label=f, edgecolor="black" if f == "fact EM" else None)
     ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2)
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("exact match")

@@ -302,9 +302,14 @@ def _msqa_config(preset: str, split: str) -> dict:
     return cfg
 
 
-def make_msqa(rng: np.random.Generator, preset: str = "small", split: str = "train", return_log: bool = False):
-    """One multi-session QA episode; with return_log also the generator's fact log (see parse_facts)."""
+def make_msqa(rng: np.random.Generator, preset: str = "small", split: str = "train", return_log: bool = False,
+              dense: bool = False):
+    """One multi-session QA episode; with return_log also the generator's fact log (see parse_facts).
+
+    dense: one question about every stated fact's current value (single_hop or update) and every relation
+    (multi_hop), then the preset's usual mix: more answer tokens per written history, for training."""
     cfg, pools = _msqa_config(preset, split), pools_for(split)
+    cfg["dense"] = dense
     for _ in range(100):  # rare retry: the required lines alone overflowed the character budget
         result = _try_msqa(rng, cfg, pools)
         if result is not None:
@@ -431,12 +436,20 @@ def _msqa_questions(rng, cfg, pools, chains, relations, log, people, absent) -> 
             return Question(text, UNKNOWN, family)
         return None
 
+    dense = []                                                           # dense: every fact asked once
+    if cfg.get("dense"):
+        for (p, attr), chain in chains.items():
+            family = "update" if len(chain) > 1 else "single_hop"
+            dense.append(Question(current(attr, p), chain[-1], family, stale=chain[:-1]))
+        for p, rel, q in relations:
+            (_, attr) = _pick(rng, [s for s in chains if s[0] == q])
+            dense.append(Question(current(attr, f"{p}'s {rel}"), chains[(q, attr)][-1], "multi_hop"))
     # one question per family first (every family in every episode when the preset allows), then random ones
     families = list(MSQA_FAMILY_WEIGHTS)[: cfg["questions"]]
     weights = np.array(list(MSQA_FAMILY_WEIGHTS.values()))
     while len(families) < cfg["questions"]:
         families.append(list(MSQA_FAMILY_WEIGHTS)[int(rng.choice(len(weights), p=weights / weights.sum()))])
-    out, texts = [], set()
+    out, texts = list(dense), {q.q for q in dense}
     for family in families:
         for _ in range(20):  # a few tries to avoid asking the same question twice
             question = ask(family)
@@ -612,23 +625,26 @@ def parse_facts(ep: Episode) -> list[tuple[int, str, str, str]]:
     for i, session in enumerate(ep.sessions, start=1):
         s = i
         for line in session:
-            if ep.task == "recall":
-                facts += [(s, k, "recall", v) for k, v in _PAIR.findall(line)]
-                continue
-            if (m := _HEADER.fullmatch(line)) is not None:
+            if ep.task != "recall" and (m := _HEADER.fullmatch(line)) is not None:
                 s = int(m.group(1))
                 continue
-            if (m := _SPEAKER.fullmatch(line)) is None:
-                continue
-            utterance = m.group(2)
-            found = []
-            for regex, attr in _STATEMENTS:
-                if (m := regex.fullmatch(utterance)) is not None:
-                    g = m.groupdict()
-                    found.append((s, g["p"], g["rel"], g["q"]) if attr == "relation" else (s, g["p"], attr, g["v"]))
-            if (fact := _only(found, line)) is not None:
-                facts.append(fact)
+            facts += [(s, *fact) for fact in line_facts(line, ep.task)]
     return facts
+
+
+def line_facts(line: str, task: str = "msqa") -> list[tuple[str, str, str]]:
+    """What one history line states, as (subject, slot, value) triples: none, one, or (recall) several."""
+    if task == "recall":
+        return [(k, "recall", v) for k, v in _PAIR.findall(line)]
+    if (speaker := _SPEAKER.fullmatch(line)) is None:
+        return []
+    found = []
+    for regex, attr in _STATEMENTS:
+        if (m := regex.fullmatch(speaker.group(2))) is not None:
+            g = m.groupdict()
+            found.append((g["p"], g["rel"], g["q"]) if attr == "relation" else (g["p"], attr, g["v"]))
+    fact = _only(found, line)
+    return [] if fact is None else [fact]
 
 
 def _answer(question: str, state: dict, task: str) -> str:

@@ -49,7 +49,8 @@ def test_lora_budget_matches_deltamem_within_10_percent(gpt, over):
 
 def test_results_follow_the_design_schema(tmp_path):
     fam = {"single_hop": 0.5, "abstention": 1.0}
-    res = {n: dict(macro_em=m, per_family=fam, history_tokens_in_context=h, trainable_params=p, stale_rate=None)
+    res = {n: dict(fact_em=m, macro_em=m, per_family=fam, history_tokens_in_context=h, trainable_params=p,
+                   stale_rate=None, abstention=1.0, unknown_on_facts=0.0)
            for n, m, h, p in [("no_history", 0.2, 0, 0), ("full_context", 0.6, 190, 0), ("lora", 0.25, 0, 100),
                               ("hebbian", 0.3, 0, 100), ("deltamem", 0.45, 0, 100), ("deltamem_w64", 0.5, 64, 100),
                               ("recent_window", 0.3, 64, 0)]}
@@ -58,7 +59,7 @@ def test_results_follow_the_design_schema(tmp_path):
                      dict(backbone=2.0, with_memory=2.01), "deltamem")
     out = json.loads((tmp_path / "results.json").read_text())
     for name, r in out["conditions"].items():
-        assert isinstance(r["macro_em"], float) and isinstance(r["per_family"], dict)
+        assert isinstance(r["fact_em"], float) and isinstance(r["macro_em"], float) and isinstance(r["per_family"], dict)
         assert isinstance(r["history_tokens_in_context"], (int, float)) and isinstance(r["trainable_params"], int)
     assert set(out["general_val_loss"]) == {"backbone", "with_memory"}
     assert out["ratios"]["vs_frozen_backbone"] == pytest.approx(0.45 / 0.2)
@@ -77,9 +78,9 @@ def test_results_follow_the_design_schema(tmp_path):
     assert "90% bootstrap interval" in (tmp_path / "results.md").read_text()
 
 
-def test_resampled_macro_equals_scoring_the_drawn_episodes_one_by_one():
+def test_resampled_fact_em_equals_scoring_the_drawn_episodes_one_by_one():
     rng = np.random.default_rng(0)
-    family = ["a", "a", "b", "c", "b", "a", "c", "c"]                   # 8 questions of 4 episodes
+    family = ["a", "a", "b", "abstention", "b", "a", "c", "c"]          # 8 questions of 4 episodes
     episode = np.array([0, 0, 1, 1, 2, 2, 3, 3])
     correct = rng.random(8) < 0.5
     draws = [[0, 0, 1, 3], [2, 2, 2, 2], [1, 3, 0, 2]]                  # three resamples of 4 episodes
@@ -87,9 +88,9 @@ def test_resampled_macro_equals_scoring_the_drawn_episodes_one_by_one():
     want = []
     for d in draws:                                                      # the reference: build the resample
         qs = [i for e in d for i in np.flatnonzero(episode == e)]       # and score it like the evaluation
-        want.append(TM.score(["y" if correct[i] else "n" for i in qs], ["y"] * len(qs),
-                             [family[i] for i in qs])["macro"])
-    assert TM.resampled_macro(correct, family, counts) == pytest.approx(want)
+        per = TM.score(["y" if correct[i] else "n" for i in qs], ["y"] * len(qs), [family[i] for i in qs])
+        want.append(np.mean([v for f, v in per.items() if f not in ("macro", "abstention")]))
+    assert TM.resampled_fact_em(correct, family, counts) == pytest.approx(want)
 
 
 def test_ratio_intervals_bracket_the_ratio_and_collapse_for_equal_conditions():
@@ -102,7 +103,8 @@ def test_ratio_intervals_bracket_the_ratio_and_collapse_for_equal_conditions():
     out = dict(episode=episode, family=family, correct=correct)
     ci = TM.ratio_intervals(out, dict(vs_frozen_backbone=("deltamem", ["no_history"]),
                                       vs_best_non_deltamem=("deltamem", ["hebbian", "lora", "no_history"])))
-    macro = lambda c: TM.score(["y" if x else "n" for x in correct[c]], ["y"] * Q, family)["macro"]
+    macro = lambda c: TM.fact_em({f: v for f, v in TM.score(["y" if x else "n" for x in correct[c]], ["y"] * Q,
+                                                             family).items() if f != "macro"})
     lo, hi = ci["vs_best_non_deltamem"]
     assert lo < macro("deltamem") / macro("lora") < hi and hi - lo < 0.8
     lo, hi = ci["vs_frozen_backbone"]
@@ -264,3 +266,74 @@ def test_a_memory_starts_from_the_same_init_whatever_ran_before(enc, gpt, tmp_pa
         trained.append(model.memories.state_dict())
     for name, value in trained[0].items():
         assert torch.equal(value, trained[1][name]), name
+
+
+def test_fact_em_leaves_out_abstention_and_counts_unknown_on_a_fact_as_wrong():
+    qs = [tasks.Question("Where does Ann live?", "Oslo", "single_hop"),
+          tasks.Question("What is Ann's job?", "baker", "update", stale=["chef"]),
+          tasks.Question("What is Bo's pet?", "unknown", "abstention"),
+          tasks.Question("What is Cy's pet?", "unknown", "abstention")]
+    ep = tasks.Episode([["Session 1 (Day 1)"]], qs)
+    always_unknown = TM.score_condition(["unknown"] * 4, [ep])
+    assert always_unknown["fact_em"] == 0.0 and always_unknown["abstention"] == 1.0
+    assert always_unknown["macro_em"] == pytest.approx(1 / 3)            # the old headline rewarded it
+    assert always_unknown["unknown_on_facts"] == 1.0
+    r = TM.score_condition([" Oslo", "chef", "unknown", "Lima"], [ep])   # one fact right, one stale
+    assert r["fact_em"] == 0.5 and r["abstention"] == 0.5 and r["unknown_on_facts"] == 0.0
+    assert r["stale_rate"] == 1.0
+
+
+def test_diagnostics_on_hand_built_keys_and_decays():
+    keys = torch.eye(4)[None]                                            # (1, 4, 4): four orthogonal keys
+    assert TM.read_margin(keys[0, 2][None], keys, 2).item() == pytest.approx(1.0)   # asks fact 2 with its key
+    assert TM.read_margin(keys[0, 1][None], keys, 2).item() == pytest.approx(-1.0)  # finds another fact first
+    assert TM.key_separation(keys).item() == pytest.approx(0.0)
+    assert TM.key_separation(torch.ones(1, 3, 4) / 2).item() == pytest.approx(1.0)  # collapsed keys
+    keep = torch.full((1, 6, 1), 0.5)                                    # (H, T, 1) every token keeps half
+    real = torch.tensor([True] * 5 + [False])                            # the last token is padding
+    got = TM.retention(keep, real, torch.tensor([0, 3, 4]))
+    assert got.tolist() == pytest.approx([0.5 ** 4, 0.5, 1.0])           # tokens after 0: 1..4; padding keeps all
+    gone = TM.retention(torch.zeros(1, 6, 1), torch.ones(6, dtype=torch.bool), torch.tensor([0, 2]))
+    assert gone.tolist() == pytest.approx([0.0, 0.0])                    # a state that decayed fully
+
+
+def test_fact_sites_point_at_the_asked_value_token(enc):
+    ep = tasks.make_msqa(np.random.default_rng(3), "small", "train", dense=True)
+    sites, asked = TM.fact_sites(enc, ep, 256)
+    windows = tasks.encode_history(enc, ep, 256)
+    facts = tasks.parse_facts(ep)
+    assert len(sites) == len(facts)
+    for (w, o), (_, _, _, value) in zip(sites, facts):                  # each site starts its value's word
+        assert enc.decode(windows[w][0][o:o + 40]).startswith(" " + value)
+    for q, a in zip(ep.questions, asked):
+        assert (a is None) == (q.family == "abstention" or q.a not in [f[3] for f in facts])
+        if a is not None:
+            assert facts[a][3] == q.a
+
+
+def test_dense_msqa_asks_every_stated_fact_and_its_gold_is_rederived():
+    for seed in range(20):
+        ep = tasks.make_msqa(np.random.default_rng(seed), "small", "train", dense=True)
+        assert tasks.parse_gold(ep) == [q.a for q in ep.questions]
+        latest = {}
+        for _, p, slot, v in tasks.parse_facts(ep):
+            if slot in tasks.ATTRIBUTES:
+                latest[(p, slot)] = v
+        current = {q.a for q in ep.questions if q.family in ("single_hop", "update")}
+        assert set(latest.values()) <= current                           # every fact's latest value is asked
+
+
+def test_shuffled_state_margin_is_flat_for_a_fresh_memory_and_not_for_one_that_binds(enc, gpt):
+    cfg = dict(TM.DEFAULTS, state_margin=1.0, beta_reg=0.0, general_reg=0.0, bind_reg=0.0)
+    eps = [tasks.make_recall(np.random.default_rng(i), "tiny", "train", n_pairs=1) for i in range(4)]
+    batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, enc.eot_token)
+    model = TM.build("deltamem", gpt, dict(cfg, init="zero"))
+    plain = TM.episode_loss(model, batch, dict(cfg, state_margin=0.0), "cpu")
+    with_margin = TM.episode_loss(model, batch, cfg, "cpu")
+    assert with_margin.item() == pytest.approx(plain.item() + torch.nn.functional.softplus(torch.tensor(1.0)).item())
+    with torch.no_grad():                                                # corrections that read the state
+        for mem in model.memories.values():
+            mem.B_o.weight.normal_(0, 1.0)
+    plain = TM.episode_loss(model, batch, dict(cfg, state_margin=0.0), "cpu")
+    assert TM.episode_loss(model, batch, cfg, "cpu").item() != pytest.approx(
+        plain.item() + torch.nn.functional.softplus(torch.tensor(1.0)).item())
