@@ -307,7 +307,8 @@ def make_msqa(rng: np.random.Generator, preset: str = "small", split: str = "tra
     """One multi-session QA episode; with return_log also the generator's fact log (see parse_facts).
 
     dense: one question about every stated fact's current value (single_hop or update) and every relation
-    (multi_hop), then the preset's usual mix: more answer tokens per written history, for training."""
+    (multi_hop), then the preset's usual mix and a fifth as many abstention questions again: more answer
+    tokens per written history, for training."""
     cfg, pools = _msqa_config(preset, split), pools_for(split)
     cfg["dense"] = dense
     for _ in range(100):  # rare retry: the required lines alone overflowed the character budget
@@ -449,6 +450,8 @@ def _msqa_questions(rng, cfg, pools, chains, relations, log, people, absent) -> 
     weights = np.array(list(MSQA_FAMILY_WEIGHTS.values()))
     while len(families) < cfg["questions"]:
         families.append(list(MSQA_FAMILY_WEIGHTS)[int(rng.choice(len(weights), p=weights / weights.sum()))])
+    if dense:                                                            # keep abstention's share near the mix's
+        families += ["abstention"] * max(1, round(len(dense) * MSQA_FAMILY_WEIGHTS["abstention"]))
     out, texts = list(dense), {q.q for q in dense}
     for family in families:
         for _ in range(20):  # a few tries to avoid asking the same question twice

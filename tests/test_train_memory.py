@@ -321,6 +321,8 @@ def test_dense_msqa_asks_every_stated_fact_and_its_gold_is_rederived():
                 latest[(p, slot)] = v
         current = {q.a for q in ep.questions if q.family in ("single_hop", "update")}
         assert set(latest.values()) <= current                           # every fact's latest value is asked
+        share = np.mean([q.family == "abstention" for q in ep.questions])
+        assert 0.1 <= share <= 0.4                                       # and `unknown` stays in the mix
 
 
 def test_shuffled_state_margin_is_flat_for_a_fresh_memory_and_not_for_one_that_binds(enc, gpt):
