@@ -118,9 +118,8 @@ class LoRAGPT(DeltaMemGPT):
 
 def lora_rank_for(mcfg, d):
     """The LoRA rank whose parameter count matches one δ-mem layer's (q and o sides)."""
-    H, dk, r = mcfg.heads, mcfg.key_dim, mcfg.rank
-    gate = H * (r if mcfg.gates == "rowwise" else 1)
-    mem = d * H * (2 * dk + r) + (d + 1) * gate + len(mcfg.sides) * d * H * r
+    from nanodeltamem import DeltaMemory
+    mem = sum(p.numel() for p in DeltaMemory(d, mcfg).parameters())     # projections, gates, conv, corrections
     return max(1, round(mem / (2 * len(mcfg.sides) * d)))
 
 
@@ -164,7 +163,7 @@ def memory_kind(cfg):
 
 def build(kind, gpt, cfg):
     if kind == "lora":
-        mcfg = memory_config(cfg, update="delta")
+        mcfg = memory_config(cfg)                                        # the same budget as δ-mem's
         return LoRAGPT(gpt, mcfg, lora_rank_for(mcfg, gpt.config.n_embd))
     if kind == "hebbian":
         return DeltaMemGPT(gpt, memory_config(cfg, update="hebbian"))

@@ -21,7 +21,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def gpt():
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=257, block_size=256, n_layer=2, n_head=2, n_embd=32))
+    return GPT(GPTConfig(vocab_size=257, block_size=256, n_layer=3, n_head=2, n_embd=32))  # memory layers 1,2
 
 
 def assert_png(path, min_bytes=5000):

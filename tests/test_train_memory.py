@@ -13,7 +13,7 @@ from nanodeltamem import GPT, GPTConfig, DeltaMemGPT
 @pytest.fixture(scope="module")
 def gpt():
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=257, block_size=512, n_layer=2, n_head=2, n_embd=32))
+    return GPT(GPTConfig(vocab_size=257, block_size=512, n_layer=3, n_head=2, n_embd=32))  # memory layers 1,2
 
 
 def test_every_condition_gets_exactly_its_read_context(enc, gpt):
@@ -223,7 +223,7 @@ def test_demo_bad_inputs_are_one_line_errors(enc, gpt, tmp_path):
     ok.write_text(DEMO_TEXT)
     with pytest.raises(TM.UserError, match=r"memory_deltamem.pt not found: train one with `python train_memory.py`"):
         TM.demo_inputs(dict(cfg, demo=str(ok)))
-    other = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    other = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=3, n_head=2, n_embd=32))
     DeltaMemGPT(other, TM.memory_config(TM.DEFAULTS)).save_memory(str(tmp_path / "memory_deltamem.pt"))
     ep, qs, path = TM.demo_inputs(dict(cfg, demo=str(ok)))
     with pytest.raises(TM.UserError, match="was trained on backbone") as e:   # a memory for another backbone
