@@ -58,7 +58,8 @@ PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate
            "cpu_long": dict(TM.PRESETS["cpu_long"], out_dir="out-long-ablate")}
 # training settings added after sweeps existed: hashed only when set to something else than this value
 # (which changes nothing), so the finished cells of an older sweep keep their names and are skipped
-ADDED_LATER = {"read_window_share": 1.0}
+ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0, "bind_reg": 0.0,
+               "dense_questions": False}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])
@@ -70,7 +71,7 @@ COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key
            ["n_questions", "train_seconds", "eval_seconds", "machine"])
 NOT_TRAINING = {"out_dir", "device", "log_interval", "val_episodes", "eval_episodes", "splits", "budget",
                 "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results",
-                "state_capacity", "state_passes", "state_beta", "state_episodes"}
+                "state_capacity", "state_passes", "state_beta", "state_episodes", "diagnose"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,14 +509,14 @@ def memory_trace(model, enc, ep, layer=-1):
         hook.remove()
     real = b["mask"].flatten()                                           # (W·L,) real tokens only
     x = seen[0].reshape(1, real.numel(), -1)                             # (1, W·L, d) padded windows
-    k, v, beta, _ = (t[:, :, real] for t in mem.write_terms(x, b["hist"].size(1)))  # (1, H, T, d_k|r|1) real only
+    k, v, beta, keep = (t[:, :, real] for t in mem.write_terms(x, b["hist"].size(1)))  # (1, H, T, ·) real only
     x = x[:, real]                                                       # (1, T, d)
-    beta = beta.expand(-1, -1, -1, cfg.rank)                             # (1, H, T, r) scalar gates too
+    beta, keep = (t.expand(-1, -1, -1, cfg.rank) for t in (beta, keep))  # (1, H, T, r) scalar gates too
     S = x.new_zeros(1, cfg.heads, cfg.rank, cfg.key_dim)
     states = []
     for t in range(x.size(1)):                                           # the decode path, one token a step
         _, S = delta_rule_scan(k[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], beta[:, :, t:t + 1], S,
-                               **cfg.rule())
+                               decay=keep[:, :, t:t + 1], erase=cfg.rule()["erase"])  # keep: 1-β, λ or 1
         states.append(S[0])                                              # (H, r, d_k)
     lines = [line for s in ep.sessions for line in s]
     line_of = [i for i, line in enumerate(lines) for _ in enc.encode_ordinary(line + "\n")]

@@ -1046,7 +1046,8 @@ def plot_results(results, path):
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4.5))
     w = 0.8 / (len(fams) + 1)
     for j, f in enumerate(fams + ["fact EM"]):
-        vals = [results[n]["fact_em"] if f == "fact EM" else results[n]["per_family"].get(f, 0) for n in names]
+        vals = [results[n].get("fact_em", fact_em(results[n]["per_family"])) if f == "fact EM"   # older files:
+                else results[n]["per_family"].get(f, 0) for n in names]                        # from families
         ax.bar(np.arange(len(names)) + j * w, vals, w, label=f, edgecolor="black" if f == "fact EM" else None)
     ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2)
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)

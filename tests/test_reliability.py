@@ -118,7 +118,7 @@ def test_backbone_sigkill_then_resume_matches_straight_run(data_dir, straight, t
 def test_memory_training_killed_mid_run_resumes_to_identical_memory_and_results(data_dir, backbone, tmp_path):
     TM.main(memory_args(data_dir, backbone, tmp_path / "a"))            # uninterrupted
     rc, out, _ = start_and_stop("train_memory.py", memory_args(data_dir, backbone, tmp_path / "b"), signal.SIGKILL,
-                                "val answer acc", times=2)              # the 2nd line: the 1st save is done
+                                "val fact acc", times=2)              # the 2nd line: the 1st save is done
     assert rc == -signal.SIGKILL
     ckpt = os.path.join(tmp_path / "b", "memory_deltamem.pt")
     assert 2 <= torch.load(ckpt, weights_only=True)["iter_num"] < 30
@@ -183,7 +183,7 @@ def test_corrupt_memory_checkpoint_is_one_line(data_dir, backbone, tmp_path, dam
 
 def test_memory_checkpoint_of_other_options_is_refused(data_dir, backbone, tmp_path):
     gpt, _ = load_backbone(backbone)
-    cfg = TB.parse_config(memory_args(data_dir, backbone, tmp_path, "--rank=4"), TM.DEFAULTS, TM.PRESETS)
+    cfg = TB.parse_config(memory_args(data_dir, backbone, tmp_path, "--rank=4", "--key_conv=1"), TM.DEFAULTS, TM.PRESETS)
     path = tmp_path / "memory_deltamem.pt"
     TM.build("deltamem", gpt, cfg).save_memory(str(path), iter_num=3, train_config=dict(kind="deltamem"))
     cfg8 = dict(cfg, rank=8)
@@ -296,7 +296,7 @@ def test_a_memory_checkpoint_with_wrong_entries_is_refused(backbone, tmp_path):
     ("--key_conv=0", "whole number >= 1"),
     ("--eval_episodes=0", "must be > 0"), ("--min_lr=1", "[0, --learning_rate]"),
     ("--beta_target=2", "[0, 1]"), ("--write=line", "token, segment"), ("--sides=k", "q, o, qo"),
-    ("--update=oja", "delta, deltanet, hebbian"), ("--gates=vector", "rowwise, scalar"), ("--layers=0,x", "e.g. 0,2"),
+    ("--update=oja", "delta, gated, deltanet, hebbian"), ("--gates=vector", "rowwise, scalar"), ("--layers=0,x", "e.g. 0,2"),
     ("--baselines=rag", "lora, hebbian"), ("--episode_preset=huge", "tiny, small, medium, long"),
     ("--device=gpu", "auto, cpu, cuda"), ("--key_dim=2.5", "expects a int"), ("--bogus=1", "valid options"),
 ])
