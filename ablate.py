@@ -6,6 +6,7 @@ Ablations and pictures: change d_k or the rank, see what happens.
     python ablate.py --capacity                        # recall accuracy vs stored pairs N, delta vs hebbian
     python ablate.py --capacity --key_dim=4,8,16 --n_pairs=2,4,8,16,32
     python ablate.py --state_capacity                  # the state alone, keys given, nothing trained (seconds)
+    python ablate.py --overwrites [--quick]            # keys reassigned in later sessions: 4 rules x 3 seeds
     python ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
     python ablate.py --results=out/results.json        # per-family bars of a train_memory.py evaluation
     python ablate.py --plots                           # redraw the pictures from the CSVs, train nothing
@@ -45,6 +46,8 @@ DEFAULTS = dict(
     n_pairs=0,                    # recall pairs per episode (0: the episode preset's)
     msw_heads=4,                  # states per layer for write=msw
     capacity=False,               # the capacity sweep (task=recall, axis n_pairs) instead of the grid
+    overwrites=False,             # the overwrite experiment (task=overwrites, axes update x seed)
+    quick=False,                  # --overwrites for class: one seed, 60 steps, 8 episodes (about a minute)
     work=False,                   # draw the memory at work (one episode, token by token)
     layer=-1,                     # which memory layer --work shows (-1: the last)
     plots=False,                  # only redraw the pictures from existing CSVs
@@ -59,19 +62,23 @@ PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate
 # training settings added after sweeps existed: hashed only when set to something else than this value
 # (which changes nothing), so the finished cells of an older sweep keep their names and are skipped
 ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0, "bind_reg": 0.0,
-               "dense_questions": False}
-AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs")
+               "dense_questions": False, "context_reg": 0.0}
+AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs", "seed")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])
+# the rules the overwrite experiment compares: the default, the paper's, no decay, no erase
+OVERWRITES = dict(update=["gated", "delta", "deltanet", "hebbian"], seed=[1337, 1, 2])
+OVERWRITE_DEFAULTS = {False: dict(task="overwrites", max_iters=200),  # ~10 CPU-minutes for the 12 cells
+                      True: dict(task="overwrites", max_iters=60, eval_episodes=8)}  # --quick
 WRITES = {"token": "token", "tsw": "token", "segment": "segment", "ssw": "segment", "msw": "msw"}
 FAMILIES = ["single_hop", "multi_hop", "update", "temporal", "abstention", "recall", "forgetting", "two_hop"]
 COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key_conv", "n_pairs", "task",
             "episode_preset", "max_iters", "batch_size", "learning_rate", "seed", "backbone", "eval_episodes", "splits",
             "macro_em", "acc"] + [f"em_{f}" for f in FAMILIES] +
-           ["n_questions", "train_seconds", "eval_seconds", "machine"])
+           ["n_questions", "train_seconds", "eval_seconds", "machine", "fact_em", "stale_rate"])
 NOT_TRAINING = {"out_dir", "device", "log_interval", "val_episodes", "eval_episodes", "splits", "budget",
                 "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results",
-                "state_capacity", "state_passes", "state_beta", "state_episodes", "diagnose"}
+                "state_capacity", "state_passes", "state_beta", "state_episodes", "diagnose", "overwrites", "quick"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,9 +97,12 @@ def parse_args(argv):
         else:
             rest.append(arg)
     cfg = parse_config(rest, DEFAULTS, PRESETS)
+    if cfg["overwrites"]:                                                # the experiment's own defaults, then
+        cfg = parse_config(rest, dict(DEFAULTS, **OVERWRITE_DEFAULTS[cfg["quick"]]), PRESETS)  # the flags given
     axes = {k: [str(cfg[k])] for k in AXES}
     if not cfg["work"]:                                                  # --work draws one memory
-        default = STATE_CAPACITY if cfg["state_capacity"] else CAPACITY if cfg["capacity"] else GRID
+        default = (STATE_CAPACITY if cfg["state_capacity"] else CAPACITY if cfg["capacity"] else
+                   OVERWRITES if cfg["overwrites"] else GRID)
         axes.update({k: [str(v) for v in vs] for k, vs in default.items()})
     axes.update(given)
     for w in axes["write"]:
@@ -103,6 +113,8 @@ def parse_args(argv):
         raise UserError(f"--splits: unknown split {bad[0]!r}; choose from {', '.join(TM.EVAL_SPLITS)}")
     if cfg["capacity"]:
         cfg["task"] = "recall"                                           # N is a property of recall episodes
+    if cfg["overwrites"] and cfg["quick"] and "seed" not in given:
+        axes["seed"] = axes["seed"][:1]                                  # --quick: one seed
     return cfg, axes
 
 
@@ -137,6 +149,8 @@ def cell_name(cell):
         name += f"_kc{cell['key_conv']}"
     if cell["n_pairs"]:
         name += f"_n{cell['n_pairs']}"
+    if cell["seed"] != DEFAULTS["seed"]:
+        name += f"_s{cell['seed']}"
     train = {k: v for k, v in sorted(cell.items()) if k not in NOT_TRAINING
              and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return name + "_" + hashlib.sha1(json.dumps(train, default=str).encode()).hexdigest()[:6]
@@ -191,7 +205,7 @@ def done_key(row):
 def eval_cell(cfg, enc, gpt, model, device):
     """Exact match at 0 history tokens in context (the memory only), on the held-out splits asked for.
     Episodes are drawn as train_memory.evaluate draws them (seed 10000 + split index)."""
-    task = "msqa" if cfg["task"] in ("msqa", "mix") else "recall"
+    task = "msqa" if cfg["task"] in ("msqa", "mix") else cfg["task"]
     episodes = []
     for split in cfg["splits"].split(","):
         rng = np.random.default_rng(10_000 + TM.EVAL_SPLITS.index(split))
@@ -200,8 +214,8 @@ def eval_cell(cfg, enc, gpt, model, device):
     res = TM.score_condition(preds, episodes)
     gold = [q.a for ep in episodes for q in ep.questions]
     acc = float(np.mean([exact_match(p, g) for p, g in zip(preds, gold)]))
-    return dict(macro_em=res["macro_em"], acc=acc, n_questions=res["n_questions"],
-                **{f"em_{f}": v for f, v in res["per_family"].items()})
+    return dict(fact_em=res["fact_em"], macro_em=res["macro_em"], acc=acc, n_questions=res["n_questions"],
+                stale_rate=res["stale_rate"], **{f"em_{f}": v for f, v in res["per_family"].items()})
 
 
 def sweep(cells, enc, gpt, device, csv_path):
@@ -572,12 +586,54 @@ def plot_work(trace, path):
     _save(fig, path, tight=False)
 
 
+def overwrite_summary(rows, path):
+    """overwrites.json from the overwrite sweep's rows: {rule: {"updated_em": [per seed], "stale_rate":
+    [per seed], "seeds": [...]}}, the rules in OVERWRITES' order. Returns the dict."""
+    out = {}
+    rows = sorted(_rows(rows), key=lambda r: int(r["seed"]))
+    for rule in OVERWRITES["update"]:
+        mine = [r for r in rows if r["update"] == rule and r["task"] == "overwrites"]
+        if mine:
+            out[rule] = dict(updated_em=[float(r["em_forgetting"]) for r in mine],
+                             stale_rate=[float(r["stale_rate"]) for r in mine], seeds=[int(r["seed"]) for r in mine])
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def plot_overwrites(summary, path):
+    """Two panels, one bar per rule (mean over seeds, one dot per seed): EM on the reassigned keys, and
+    how often the answer was one of the key's older values."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    rules = list(summary)
+    for ax, key, title in ((axes[0], "updated_em", "EM on reassigned keys (latest value)"),
+                           (axes[1], "stale_rate", "stale rate (an older value answered)")):
+        for i, rule in enumerate(rules):
+            vals = summary[rule][key]
+            ax.bar(i, np.mean(vals), 0.6, color="C0" if rule != "hebbian" else "C3", alpha=0.7)
+            ax.plot([i] * len(vals), vals, "k.", ms=6)
+        ax.set_xticks(range(len(rules)), rules)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("overwrites across sessions: the delta rule erases, hebbian adds up", fontsize=10)
+    _save(fig, path)
+
+
 def draw_all(cfg, csv_path):
     """Every picture the CSVs and checkpoints in out_dir allow, written next to the CSV."""
     out = os.path.dirname(csv_path) or "."
     rows = read_rows(csv_path)
     if cfg["capacity"]:
         plot_capacity(rows, os.path.join(out, "capacity.png"))
+    elif cfg["overwrites"]:
+        summary = overwrite_summary(rows, os.path.join(out, "overwrites.json"))
+        plot_overwrites(summary, os.path.join(out, "overwrites.png"))
+        for rule, r in summary.items():
+            print(f"  {rule:9s} updated-key EM {np.mean(r['updated_em']):.3f} ({', '.join(f'{x:.2f}' for x in r['updated_em'])})"
+                  f" | stale rate {np.mean(r['stale_rate']):.3f}")
     elif rows:
         plot_heatmap(rows, os.path.join(out, "heatmap.png"))
     ckpts = []
@@ -588,7 +644,8 @@ def draw_all(cfg, csv_path):
                             if f.startswith("memory_") and f.endswith(".pt"))
     ckpts = list(dict.fromkeys(ckpts))                                   # a cell scored twice: one curve
     if ckpts:
-        plot_training(ckpts, os.path.join(out, ("capacity" if cfg["capacity"] else "ablate") + "_training.png"))
+        name = "capacity" if cfg["capacity"] else "overwrites" if cfg["overwrites"] else "ablate"
+        plot_training(ckpts, os.path.join(out, name + "_training.png"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,7 +699,8 @@ def main(argv=None):
         if not cfg["plots"]:
             state_capacity(cfg, axes, csv_path)
         return plot_state_capacity(csv_path, os.path.join(cfg["out_dir"], "state_capacity.png"))
-    csv_path = os.path.join(cfg["out_dir"], "capacity.csv" if cfg["capacity"] else "ablate.csv")
+    csv_path = os.path.join(cfg["out_dir"], "capacity.csv" if cfg["capacity"] else
+                            "overwrites.csv" if cfg["overwrites"] else "ablate.csv")
     if cfg["plots"]:
         if not read_rows(csv_path):
             raise UserError(f"{csv_path} has no finished rows yet: run the sweep first (without --plots)")

@@ -38,7 +38,7 @@ DEFAULTS = dict(
     backbone="out/backbone.pt",   # trained first (train_backbone.py) when missing and left at default
     out_dir="out",
     data_dir="data/pydoc",
-    task="msqa",                  # msqa | recall | mix
+    task="msqa",                  # msqa | recall | overwrites (recall, keys reassigned in later sessions) | mix
     episode_preset="small",       # size of the training/evaluation episodes (data/tasks.py presets)
     # the memory (nanodeltamem.MemoryConfig)
     # (the recipe that binds, README "What makes a memory bind": a decay gate of its own, keys that see the
@@ -53,6 +53,7 @@ DEFAULTS = dict(
     general_reg=0.5, general_len=64,  # + general_reg x LM loss of corpus text read with the episode's state
     state_margin=0.0,             # + state_margin x softplus(1 - (loss with another episode's state - own loss))
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
+    context_reg=0.5,              # + context_reg x LM loss of the episode's own history read with its state
     dense_questions=True,         # training msqa episodes ask about every stated fact (reads are cheap)
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=50, val_episodes=64,
@@ -195,11 +196,15 @@ def beta_mean(model):
     return torch.stack(vals).mean() if vals else None
 
 
-def episode_loss(model, batch, cfg, device, general=None, sites=None):
+def episode_loss(model, batch, cfg, device, general=None, sites=None, context=None):
     """Write pass over the histories, then the answer loss of the read pass (+ the β regulariser).
 
     general: optional (x, y) rows of ordinary corpus text (B, 1, L): read with the same states, their LM
     loss (x general_reg) teaches the memory to stay quiet on text that is not about its history.
+    context: optional (x, y) rows of each episode's own history and first answers (B, 1, L), read with its
+    own state: their LM loss (x context_reg) teaches the memory not to break the backbone's reading when
+    the history is in the context too (the paper's protocol).
+    sites: binding_sites of the batch, for the binding term (x bind_reg).
     """
     model.reset_memory()
     with LayerInputs(model) as seen:
@@ -224,7 +229,22 @@ def episode_loss(model, batch, cfg, device, general=None, sites=None):
         loss = loss + cfg["beta_reg"] * (b - cfg["beta_target"]) ** 2
     if general is not None and cfg["general_reg"] > 0:
         loss = loss + cfg["general_reg"] * model(general[0].to(device), general[1].to(device))[1]
+    if context is not None and cfg["context_reg"] > 0:
+        loss = loss + cfg["context_reg"] * model(context[0].to(device), context[1].to(device))[1]
     return loss
+
+
+def context_rows(enc, episodes, block_size, pad):
+    """Each episode's history and its first two questions with answers, as the backbone pretrained on
+    them (the last block_size + 1 tokens): x, y (B, 1, L), y = IGNORE_INDEX on padding."""
+    docs = [enc.encode_ordinary(tasks.render_history(ep) + "".join(tasks.render_qa(q) for q in ep.questions[:2]))
+            [-(block_size + 1):] for ep in episodes]
+    L = max(len(d) for d in docs) - 1
+    x = torch.full((len(docs), 1, L), pad, dtype=torch.long)
+    y = torch.full((len(docs), 1, L), IGNORE_INDEX, dtype=torch.long)
+    for i, d in enumerate(docs):
+        x[i, 0, :len(d) - 1], y[i, 0, :len(d) - 1] = torch.tensor(d[:-1]), torch.tensor(d[1:])
+    return x, y
 
 
 class CorpusRows:
@@ -312,7 +332,8 @@ def train_one(kind, name, gpt, enc, cfg, device):
             model.train()
             general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
             sites = binding_sites(enc, eps, batch, gpt.config.block_size) if cfg["bind_reg"] > 0 else None
-            loss = episode_loss(step, batch, cfg, device, general, sites)
+            context = context_rows(enc, eps, gpt.config.block_size, pad) if cfg["context_reg"] > 0 else None
+            loss = episode_loss(step, batch, cfg, device, general, sites, context)
             if not torch.isfinite(loss):
                 raise UserError(f"[{name}] loss became {loss.item()} at iteration {it}; the last good checkpoint "
                                 f"is {path}. Try a lower --learning_rate (now {cfg['learning_rate']})")
@@ -609,7 +630,7 @@ def score_condition(preds, episodes):
     per_family = score(preds, [q.a for q in qs], [q.family for q in qs])
     macro = per_family.pop("macro")
     stale = [normalize_answer(p) in {normalize_answer(s) for s in q.stale}    # answered an outdated value
-             for p, q in zip(preds, qs) if q.family == "update" and q.stale]
+             for p, q in zip(preds, qs) if q.stale]
     unknown = [exact_match(p, tasks.UNKNOWN) for p, q in zip(preds, qs) if q.family != "abstention"]
     return dict(fact_em=fact_em(per_family), macro_em=macro, per_family=per_family,
                 abstention=per_family.get("abstention"),                # `unknown` when nothing was said
@@ -637,7 +658,7 @@ def conditions(cfg, enc, gpt, memories):
 def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
     from data import tasks
     if episodes_by_split is None:
-        task = "msqa" if cfg["task"] in ("msqa", "mix") else "recall"
+        task = "msqa" if cfg["task"] in ("msqa", "mix") else cfg["task"]
         episodes_by_split = {s: tasks.make_episodes(cfg["eval_episodes"], seed=10_000 + i, task=task,
                                                     preset=cfg["episode_preset"], split=s)
                              for i, s in enumerate(EVAL_SPLITS)}
@@ -842,8 +863,8 @@ def check_config(cfg):
     """Every flag's range, before any work starts (the checks that need the backbone: check_fits)."""
     from data import tasks
     check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval"))
-    if cfg["task"] not in ("msqa", "recall", "mix"):
-        raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, mix")
+    if cfg["task"] not in ("msqa", "recall", "overwrites", "mix"):
+        raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, overwrites, mix")
     if cfg["episode_preset"] not in tasks.PRESETS:
         raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
                         f"{', '.join(tasks.PRESETS)}")

@@ -556,13 +556,45 @@ def make_recall(rng: np.random.Generator, preset: str = "small", split: str = "t
     return (ep, log) if return_log else ep
 
 
+def make_overwrites(rng: np.random.Generator, n_pairs: int = 8, split: str = "train", updates=(1, 3),
+                    filler_ratio: float = 0.5) -> Episode:
+    """Recall with overwrites across sessions: session 1 gives each of n_pairs keys a value; then half the
+    keys (at least one) get updates[0]..updates[1] new values, the j-th in session 1 + j. Attention sees
+    one session at a time, so an old value never sits beside its replacement: only a memory that erases
+    can tell the latest. Questions: every reassigned key ("forgetting"), the latest value wins; stale =
+    its older values, oldest first."""
+    pools = pools_for(split)
+    if not 1 <= n_pairs <= len(pools["names"]):
+        raise ValueError(f"n_pairs={n_pairs} must be between 1 and {len(pools['names'])} (the keys in split {split!r})")
+    keys = [str(k) for k in rng.choice(pools["names"], n_pairs, replace=False)]
+    values = {k: [str(rng.choice(pools["nouns"]))] for k in keys}
+    moved = keys[:max(1, n_pairs // 2)]
+    for k in moved:
+        for _ in range(int(rng.integers(updates[0], updates[1] + 1))):
+            values[k].append(_pick(rng, [v for v in pools["nouns"] if v not in values[k]]))
+    sessions = []
+    for j in range(max(len(v) for v in values.values())):           # session j + 1 holds the j-th values
+        pairs = [f"- {k}: {values[k][j]}." for k in rng.permutation(keys).tolist() if len(values[k]) > j]
+        lines = pairs + [_pick(rng, pools["fillers"]) for _ in range(int(round(filler_ratio * len(pairs))))]
+        sessions.append([lines[i] for i in rng.permutation(len(lines))])
+    questions = [Question(f"{k}?", values[k][-1], "forgetting", stale=values[k][:-1])
+                 for k in rng.permutation(moved).tolist()]
+    return Episode(sessions=sessions, questions=questions, task="recall")
+
+
 # --------------------------------------------------------------------------------------------------------
 # --- Episodes and rendering ---
 # --------------------------------------------------------------------------------------------------------
 
 
+GENERATORS = TASKS + ["overwrites"]  # overwrites: recall episodes (task "recall") with cross-session updates
+
+
 def make_episode(rng: np.random.Generator, task: str = "msqa", preset: str = "small", split: str = "train") -> Episode:
-    _check_name("task", task, TASKS)
+    _check_name("task", task, GENERATORS)
+    if task == "overwrites":
+        _check_name("preset", preset, PRESETS)
+        return make_overwrites(rng, RECALL_PRESETS[preset]["n_pairs"], split)
     return make_msqa(rng, preset, split) if task == "msqa" else make_recall(rng, preset, split)
 
 

@@ -56,9 +56,9 @@ def test_cells_are_the_cartesian_product_of_the_comma_lists():
     # a setting added to train_memory later must not rename finished cells (add it to AB.ADDED_LATER):
     # this is the default cell's name since the binding recipe became the default; the old defaults,
     # spelled out, keep the name they had since commit 6ef8a5c
-    assert a == "dk8_r8_token_qo_gated_kc4_a24b30"
+    assert a == "dk8_r8_token_qo_gated_kc4_1176dc"
     old = ["--key_dim=8", "--rank=8", "--update=delta", "--key_conv=1", "--layers=all", "--learning_rate=1e-2",
-           "--max_iters=120", "--bind_reg=0", "--dense_questions=False", "--log_interval=20"]
+           "--max_iters=120", "--bind_reg=0", "--dense_questions=False", "--context_reg=0", "--log_interval=20"]
     assert AB.make_cells(*AB.parse_args(old))[0]["cell"] == "dk8_r8_token_qo_delta_db902d"
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--read_window_share=0.5"]))[0]["cell"] != a
     kc = AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--key_conv=1,4"]))   # the key_conv axis

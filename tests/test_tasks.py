@@ -367,3 +367,21 @@ def test_malformed_files_raise_task_file_error(tmp_path):
 def _write(path, text):
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def test_overwrites_put_every_reassignment_in_a_later_session_and_the_latest_wins(enc):
+    for seed in range(30):
+        ep = tasks.make_overwrites(np.random.default_rng(seed), n_pairs=int(2 + seed % 7))
+        assert tasks.parse_gold(ep) == [q.a for q in ep.questions]      # the parser re-derives every answer
+        said = {}                                                        # key -> [(session, value)] in order
+        for s, key, _, value in tasks.parse_facts(ep):
+            said.setdefault(key, []).append((s, value))
+        sessions = [s for s, _ in (x for v in said.values() for x in v)]
+        windows = tasks.encode_history(enc, ep, 256)
+        assert len(windows) == len(ep.sessions) == max(sessions)          # one window per session
+        assert ep.questions
+        for q in ep.questions:
+            chain = said[q.q.rstrip("?")]
+            assert [s for s, _ in chain] == list(range(1, len(chain) + 1))  # each new value one session later
+            assert len(chain) >= 2 and q.a == chain[-1][1] and q.stale == [v for _, v in chain[:-1]]
+            assert q.family == "forgetting" and q.a not in q.stale

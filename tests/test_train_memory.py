@@ -127,7 +127,7 @@ def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path,
     cfg = dict(TM.DEFAULTS, out_dir=str(tmp_path), max_iters=2, batch_size=2, log_interval=2, val_episodes=2,
                warmup_iters=1, compile=True, general_reg=0)
     model = TM.train_one("deltamem", "deltamem", gpt, enc, cfg, "cpu")
-    assert fake_compile["wrapped"] == [model] and fake_compile["calls"] == 2 * 2  # write + read pass per step
+    assert fake_compile["wrapped"] == [model] and fake_compile["calls"] == 2 * 3  # write, read, context per step
     wrapper_keys = fake_compile["real_keys"](model)
     assert wrapper_keys == list(torch.compile(model).state_dict())      # the stand-in prefixes like the real one
     assert all(k.startswith("_orig_mod.") for k in wrapper_keys)
@@ -339,3 +339,11 @@ def test_shuffled_state_margin_is_flat_for_a_fresh_memory_and_not_for_one_that_b
     plain = TM.episode_loss(model, batch, dict(cfg, state_margin=0.0), "cpu")
     assert TM.episode_loss(model, batch, cfg, "cpu").item() != pytest.approx(
         plain.item() + torch.nn.functional.softplus(torch.tensor(1.0)).item())
+
+
+def test_context_rows_are_the_episodes_own_document_shifted_by_one(enc):
+    eps = [tasks.make_msqa(np.random.default_rng(i), "small", "train", dense=True) for i in range(3)]
+    x, y = TM.context_rows(enc, eps, 64, enc.eot_token)                  # (3, 1, 64): the last 65 tokens
+    for i, ep in enumerate(eps):
+        doc = enc.encode_ordinary(tasks.render_history(ep) + "".join(tasks.render_qa(q) for q in ep.questions[:2]))
+        assert x[i, 0].tolist() == doc[-65:-1] and y[i, 0].tolist() == doc[-64:]
