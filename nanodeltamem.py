@@ -412,7 +412,8 @@ class DeltaMemory(nn.Module):
         v_t = A_v h_t                (r)       value
         β_t = sigmoid(W_β h_t + b_β)  (r or 1)  write strength per state row
         λ_t = sigmoid(W_λ h_t + b_λ)  (r or 1)  update=gated only: what a row keeps (else 1-β_t, or 1)
-        read_t = S_{t-1} q̃_t, then S_t = diag(1-β_t) S_{t-1} + diag(β_t)(v_t - S_{t-1} k̃_t) k̃_tᵀ
+        read_t = S_{t-1} q̃_t, then S_t = diag(a_t) S_{t-1} + diag(β_t)(v_t - S_{t-1} k̃_t) k̃_tᵀ
+                                       (a_t = 1-β_t for delta, λ_t for gated, 1 for deltanet)
         dq_t = s B_q read_t,  do_t = s B_o read_t      (s = alpha / r; reads of all heads concatenated)
 
     The state S (B, H, r, d_k) lives in `self.state` and is carried across forward calls, so a

@@ -712,7 +712,7 @@ def general_val_loss(cfg, enc, gpt, model, device, n_batches=8):
 
 
 def results_table(results):
-    fams = sorted({f for r in results.values() for f in r["per_family"]})
+    fams = sorted({f for r in results.values() for f in r["per_family"]} - {"abstention"})  # it has its column
     pct = lambda v: f"{v:.2f}" if v is not None else "–"
     head = ("| condition | history tokens in context | trainable params | **fact EM** | abstention | `unknown` to "
             "a fact | macro EM | " + " | ".join(fams) + " |")
@@ -934,16 +934,17 @@ def main(argv=None):
 
 def eval_only(cfg, enc, gpt, device):
     from data import tasks
-    if not cfg["memory"] or not cfg["episodes"]:
-        raise UserError("--eval_only needs --memory=CKPT and --episodes=FILE.jsonl")
+    if not cfg["memory"]:
+        raise UserError("--eval_only needs --memory=CKPT (and --episodes=FILE.jsonl, or the held-out splits "
+                        "of --episode_preset)")
     try:
         model, ckpt = DeltaMemGPT.load_memory(cfg["memory"], gpt)
-        episodes = tasks.load_jsonl(cfg["episodes"])
+        episodes = {"file": tasks.load_jsonl(cfg["episodes"])} if cfg["episodes"] else None
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e))
     model.to(device)
     name = condition_name(dict(cfg, **{k: v for k, v in asdict(model.mcfg).items() if k in cfg}))
-    results, per_split, outcomes = evaluate(cfg, enc, gpt, {name: model}, device, {"file": episodes})
+    results, per_split, outcomes = evaluate(cfg, enc, gpt, {name: model}, device, episodes)
     write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]),
                   outcomes)
 

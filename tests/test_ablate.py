@@ -286,3 +286,29 @@ def test_state_capacity_plot_from_a_fixed_csv(tmp_path):
     assert knees == {(4, "deltanet"): 8, (8, "deltanet"): 16, (4, "hebbian"): 4, (8, "hebbian"): 4}
     with pytest.raises(AB.UserError, match="--state_capacity"):
         AB.plot_state_capacity([], str(tmp_path / "none.png"))
+
+
+def test_overwrite_summary_schema_and_plot_from_fixed_rows(tmp_path):
+    rows = [dict(cell=f"c{u}{s}", task="overwrites", update=u, seed=str(s), em_forgetting=str(em), stale_rate=str(st))
+            for u, em, st in [("gated", 0.8, 0.1), ("delta", 0.6, 0.2), ("deltanet", 0.7, 0.1), ("hebbian", 0.3, 0.6)]
+            for s in (2, 1337, 1)]
+    out = AB.overwrite_summary(rows, str(tmp_path / "overwrites.json"))
+    saved = json.loads((tmp_path / "overwrites.json").read_text())
+    assert saved == out and list(saved) == ["gated", "delta", "deltanet", "hebbian"]   # the CLI's rule names
+    for rule, r in saved.items():
+        assert set(r) == {"updated_em", "stale_rate", "seeds"} and r["seeds"] == [1, 2, 1337]  # one entry per seed
+        assert len(r["updated_em"]) == len(r["stale_rate"]) == 3
+    assert saved["hebbian"]["stale_rate"] == [0.6] * 3 and saved["gated"]["updated_em"] == [0.8] * 3
+    AB.plot_overwrites(out, str(tmp_path / "overwrites.png"))
+    assert_png(tmp_path / "overwrites.png")
+
+
+def test_stale_rate_by_hand():
+    from data.tasks import Episode, Question
+    qs = [Question("Ann?", "tiger", "forgetting", stale=["apple", "river"]),
+          Question("Bo?", "lemon", "forgetting", stale=["candle"]),
+          Question("Cy?", "rocket", "forgetting", stale=["pencil"]),
+          Question("Di?", "garden", "recall")]                          # no older value: not counted
+    r = TM.score_condition(["river", "lemon", "apple", "river"], [Episode([["- x: y."]], qs, task="recall")])
+    assert r["stale_rate"] == pytest.approx(1 / 3)                        # only Ann's answer is one of its own old values
+    assert r["fact_em"] == pytest.approx(np.mean([1 / 3, 0.0]))          # forgetting 1/3, recall 0

@@ -443,3 +443,17 @@ def test_eval_only_on_hand_written_episodes(data_dir, backbone, tmp_path):
     msg = cli_error("train_memory.py", memory_args(data_dir, backbone, tmp_path, "--eval_only",
                                                    f"--memory={mem}", f"--episodes={bad}"))
     assert f"{bad}:1:" in msg and "'family'" in msg
+
+
+def test_eval_only_without_a_file_scores_the_held_out_splits_of_the_preset(data_dir, backbone, tmp_path):
+    gpt, _ = load_backbone(backbone)
+    mem = tmp_path / "memory.pt"
+    DeltaMemGPT(gpt, MemoryConfig(rank=4)).save_memory(str(mem))
+    TM.main(memory_args(data_dir, backbone, tmp_path, "--eval_only", f"--memory={mem}", "--episode_preset=tiny"))
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert list(res["per_split"]) == TM.EVAL_SPLITS                      # generated, not read from a file
+    want = sum(len(ep.questions) for i, s in enumerate(TM.EVAL_SPLITS)     # one episode per split, as drawn
+               for ep in tasks.make_episodes(1, seed=10_000 + i, task="msqa", preset="tiny", split=s))
+    assert res["conditions"]["no_history"]["n_questions"] == want
+    msg = cli_error("train_memory.py", memory_args(data_dir, backbone, tmp_path, "--eval_only"))
+    assert "--eval_only needs --memory=CKPT" in msg
