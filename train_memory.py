@@ -397,26 +397,28 @@ def answer_accuracy(model, enc, episodes, cfg, device):
 def fact_sites(enc, ep, window):
     """Where an episode's facts sit in its memory stream, and which fact each question asks.
 
-    Returns (sites, asked): sites [(window, offset)] of every stated value's first token; asked [site
-    index or None] per question: the latest statement of the gold answer (None: abstention, a session
-    number, or an answer not stated)."""
+    Returns (sites, slots, asked): sites [(window, offset)] of every stated value's first token; slots
+    [int] which (subject, slot) each statement is about (an update restates its slot: the delta rule
+    should write it under the same key); asked [site index or None] per question: the latest statement
+    of the gold answer (None: abstention, a session number, or an answer not stated)."""
     runs = []                                                            # (window, first token) of every line
     for w, (_, seg) in enumerate(tasks.encode_history(enc, ep, window)):
         runs += [(w, i) for i, s in enumerate(seg) if i == 0 or seg[i - 1] != s]
     lines = [line for session in ep.sessions for line in session]
     if len(runs) != len(lines):                                          # a line cut across windows: skip it
-        return [], [None] * len(ep.questions)
-    sites, values = [], []
+        return [], [], [None] * len(ep.questions)
+    sites, slots, values, slot_id = [], [], [], {}
     for (w, start), line in zip(runs, lines):
-        for _, _, value in tasks.line_facts(line, ep.task):
+        for subject, slot, value in tasks.line_facts(line, ep.task):
             at = line.rfind(" " + value)                                 # values come last in their statement
             sites.append((w, start + len(enc.encode_ordinary(line[:at]))))
+            slots.append(slot_id.setdefault((subject, slot), len(slot_id)))
             values.append(value)
     asked = []
     for q in ep.questions:
         hits = [i for i, v in enumerate(values) if v == q.a and q.family != "abstention"]
         asked.append(hits[-1] if hits else None)
-    return sites, asked
+    return sites, slots, asked
 
 
 class LayerInputs:
@@ -436,24 +438,26 @@ class LayerInputs:
 
 
 def binding_sites(enc, episodes, batch, block_size):
-    """Per episode: stream positions (T,) of its facts' value tokens and [(question, read position, asked
-    fact)] for the questions whose answer is a stated fact (fact_sites, in the batch's padded layout)."""
+    """Per episode: stream positions (F,) of its facts' value tokens, their slot ids (F,), and [(question,
+    read position, asked fact)] for the questions whose answer is a stated fact (fact_sites, in the
+    batch's padded layout)."""
     W, L = batch["hist"].shape[1:]
     Lq = batch["qx"].size(-1)
     answer_at = (batch["qy"] != IGNORE_INDEX).float().argmax(-1)        # (B, Q) the last prompt token
     out = []
     for b, ep in enumerate(episodes):
-        sites, asked = fact_sites(enc, ep, block_size)
+        sites, slots, asked = fact_sites(enc, ep, block_size)
         pos = torch.tensor([w * L + o for w, o in sites], dtype=torch.long)
         reads = [(j, j * Lq + int(answer_at[b, j]), a) for j, a in enumerate(asked) if a is not None]
-        out.append((pos, reads if len(sites) > 1 else []))
+        out.append((pos, torch.tensor(slots, dtype=torch.long), reads if len(set(slots)) > 1 else []))
     return out
 
 
 def binding_loss(model, writes, reads, sites, W, Q, tau=0.1):
     """Key-query matching, trained directly: at each answer, a softmax over the episode's facts of
     q̃·k̃ / tau must pick the asked fact's write key (an InfoNCE term; the rest of the memory is untouched).
-    writes / reads: LayerInputs of the write and read passes; sites: binding_sites."""
+    Older statements of the asked slot are left out of the softmax: the delta rule overwrites them under
+    the same key. writes / reads: LayerInputs of the write and read passes; sites: binding_sites."""
     losses = []
     for i, mem in model.memories.items():
         if not hasattr(mem, "write_terms"):                               # LoRA: no keys
@@ -461,14 +465,16 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1):
         B = len(sites)
         k = mem.write_terms(writes[i].reshape(B, -1, writes[i].size(-1)), W)[0]  # (B, H, T, d_k)
         q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)))   # (B, H, Q·Lq, d_k)
-        for b, (pos, asked) in enumerate(sites):
+        for b, (pos, slots, asked) in enumerate(sites):
             if not asked:
                 continue
             ks = k[b, :, pos.to(k.device)]                               # (H, F, d_k)
             qs = q[b, :, [p for _, p, _ in asked]]                       # (H, A, d_k)
             logits = (qs @ ks.transpose(-1, -2)).mean(0) / tau           # (A, F)
             target = torch.tensor([a for _, _, a in asked], device=k.device)
-            losses.append(F.cross_entropy(logits, target))
+            same = slots[target.cpu()][:, None] == slots[None, :]        # (A, F) the asked slot's statements
+            same[torch.arange(len(target)), target] = False              # ... but the asked one itself
+            losses.append(F.cross_entropy(logits.masked_fill(same.to(k.device), float("-inf")), target))
     return torch.stack(losses).mean() if losses else None
 
 
@@ -480,18 +486,19 @@ def retention(keep, real, pos):
     return after[:, pos].exp().mean(-1).mean(0)                         # (F,)
 
 
-def key_separation(keys):
-    """Mean |cos| between different facts' unit write keys (H, F, d_k): 0 orthogonal, 1 all collide."""
-    F_ = keys.size(1)
-    off = ~torch.eye(F_, dtype=torch.bool, device=keys.device)
-    return (keys @ keys.transpose(-1, -2)).abs()[:, off].mean()
+def key_separation(keys, slots):
+    """Mean |cos| between the unit write keys (H, F, d_k) of facts about different slots (F,): 0
+    orthogonal, 1 all collide."""
+    other = slots[:, None] != slots[None, :]                             # (F, F)
+    return (keys @ keys.transpose(-1, -2)).abs()[:, other.to(keys.device)].mean()
 
 
-def read_margin(query, keys, asked):
-    """cos(query, the asked fact's key) - max cos(query, the other facts' keys), mean over heads.
-    query (H, d_k), keys (H, F, d_k) unit vectors; 1 for orthogonal keys and the asked key as query."""
+def read_margin(query, keys, slots, asked):
+    """cos(query, the asked fact's key) - max cos(query, the keys of facts about other slots), mean over
+    heads. query (H, d_k), keys (H, F, d_k) unit vectors, slots (F,); 1 for orthogonal keys and the asked
+    key as query."""
     c = (keys @ query[..., None])[..., 0]                               # (H, F)
-    others = torch.cat([c[:, :asked], c[:, asked + 1:]], 1)
+    others = c[:, (slots != slots[asked]).to(c.device)]                  # (H, F') the rivals
     return (c[:, asked] - others.max(1).values).mean()
 
 
@@ -501,8 +508,8 @@ def diagnose(model, enc, episodes, device):
 
       retention   ∏ keep_t from each fact's value token to the end of the history (mean, min): how much of
                   a written value (and of its gradient) is left when the question reads;
-      key_sep     mean |cos| between the write keys of different facts' value tokens (1: all keys collide);
-      margin      cos(q at the answer, k of the asked fact) - max cos(q, k of the episode's other facts):
+      key_sep     mean |cos| between the write keys of facts about different slots (1: all keys collide);
+      margin      cos(q at the answer, k of the asked fact) - max cos(q, k of facts about other slots):
                   > 0 when the read finds the asked fact first.
     """
     model.eval()
@@ -523,14 +530,14 @@ def diagnose(model, enc, episodes, device):
         k, _, _, keep = mem.write_terms(writes[i].reshape(B, W * L, -1), W)  # (B, H, T, d_k), (B, H, T, r|1)
         q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)))   # (B, H, Q·Lq, d_k)
         ret, sep, margin = [], [], []
-        for b, (pos, asked) in enumerate(sites):
+        for b, (pos, slots, asked) in enumerate(sites):
             if len(pos) == 0:
                 continue
             pos = pos.to(device)
             ret += retention(keep[b], real[b], pos).tolist()
-            if len(pos) > 1:
-                sep.append(key_separation(k[b, :, pos]).item())
-            margin += [read_margin(q[b, :, at], k[b, :, pos], a).item() for _, at, a in asked]
+            if len(set(slots.tolist())) > 1:
+                sep.append(key_separation(k[b, :, pos], slots).item())
+            margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a).item() for _, at, a in asked]
         mean = lambda xs: float(np.mean(xs)) if xs else None
         out[i] = dict(retention_mean=mean(ret), retention_min=float(np.min(ret)) if ret else None,
                       key_sep=mean(sep), margin=mean(margin))

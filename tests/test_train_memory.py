@@ -285,10 +285,15 @@ def test_fact_em_leaves_out_abstention_and_counts_unknown_on_a_fact_as_wrong():
 
 def test_diagnostics_on_hand_built_keys_and_decays():
     keys = torch.eye(4)[None]                                            # (1, 4, 4): four orthogonal keys
-    assert TM.read_margin(keys[0, 2][None], keys, 2).item() == pytest.approx(1.0)   # asks fact 2 with its key
-    assert TM.read_margin(keys[0, 1][None], keys, 2).item() == pytest.approx(-1.0)  # finds another fact first
-    assert TM.key_separation(keys).item() == pytest.approx(0.0)
-    assert TM.key_separation(torch.ones(1, 3, 4) / 2).item() == pytest.approx(1.0)  # collapsed keys
+    slots = torch.arange(4)                                              # about four different slots
+    assert TM.read_margin(keys[0, 2][None], keys, slots, 2).item() == pytest.approx(1.0)   # asks fact 2 with its key
+    assert TM.read_margin(keys[0, 1][None], keys, slots, 2).item() == pytest.approx(-1.0)  # finds another first
+    assert TM.key_separation(keys, slots).item() == pytest.approx(0.0)
+    assert TM.key_separation(torch.ones(1, 3, 4) / 2, torch.arange(3)).item() == pytest.approx(1.0)  # collapsed
+    restated = torch.tensor([0, 1, 2, 2])                                # facts 2 and 3: one slot, updated
+    same = torch.cat([torch.eye(4)[:3], torch.eye(4)[2:3]])[None]         # an update under the same key
+    assert TM.key_separation(same, restated).item() == pytest.approx(0.0)     # is no collision
+    assert TM.read_margin(same[0, 3][None], same, restated, 3).item() == pytest.approx(1.0)  # nor a rival
     keep = torch.full((1, 6, 1), 0.5)                                    # (H, T, 1) every token keeps half
     real = torch.tensor([True] * 5 + [False])                            # the last token is padding
     got = TM.retention(keep, real, torch.tensor([0, 3, 4]))
@@ -299,12 +304,14 @@ def test_diagnostics_on_hand_built_keys_and_decays():
 
 def test_fact_sites_point_at_the_asked_value_token(enc):
     ep = tasks.make_msqa(np.random.default_rng(3), "small", "train", dense=True)
-    sites, asked = TM.fact_sites(enc, ep, 256)
+    sites, slots, asked = TM.fact_sites(enc, ep, 256)
     windows = tasks.encode_history(enc, ep, 256)
     facts = tasks.parse_facts(ep)
     assert len(sites) == len(facts)
     for (w, o), (_, _, _, value) in zip(sites, facts):                  # each site starts its value's word
         assert enc.decode(windows[w][0][o:o + 40]).startswith(" " + value)
+    for i, j in [(i, j) for i in range(len(facts)) for j in range(len(facts))]:  # one slot id per (subject, slot)
+        assert (slots[i] == slots[j]) == (facts[i][1:3] == facts[j][1:3])
     for q, a in zip(ep.questions, asked):
         assert (a is None) == (q.family == "abstention" or q.a not in [f[3] for f in facts])
         if a is not None:
@@ -347,3 +354,21 @@ def test_context_rows_are_the_episodes_own_document_shifted_by_one(enc):
     for i, ep in enumerate(eps):
         doc = enc.encode_ordinary(tasks.render_history(ep) + "".join(tasks.render_qa(q) for q in ep.questions[:2]))
         assert x[i, 0].tolist() == doc[-65:-1] and y[i, 0].tolist() == doc[-64:]
+
+
+def test_binding_term_leaves_the_asked_slots_older_statements_out():
+    """One question about slot 1, stated twice (facts 1 and 2): with keys of facts 1 and 2 equal, the
+    query equal to them gets the loss of a 2-way softmax against fact 0 only, not a 3-way one."""
+    class Mem(torch.nn.Module):                                          # keys and queries given by hand
+        def write_terms(self, x, n_windows):
+            return (x[:, None],)
+        def read_query(self, x):
+            return x[:, None]
+    model = torch.nn.Module()
+    model.memories = torch.nn.ModuleDict({"0": Mem()})
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])               # (F, d_k)
+    writes = {"0": k[None]}                                              # (B=1, T=3, d_k): facts at tokens 0..2
+    reads = {"0": torch.tensor([[[0.0, 1.0]]])}                          # the query at read position 0
+    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2)])]   # asks fact 2, the latest of slot 1
+    got = TM.binding_loss(model, writes, reads, sites, 1, 1, tau=0.5).item()
+    assert got == pytest.approx(float(-torch.log_softmax(torch.tensor([0.0, 2.0]), 0)[1]))
