@@ -1,6 +1,11 @@
-# lets tests import the top-level modules (nanodeltamem, data.*) from the repo root
+# shared fixtures; the repo root goes on sys.path so tests import the top-level modules (nanodeltamem, data.*)
+import os
+import sys
+
 import pytest
 import tiktoken
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="session")
