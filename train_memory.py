@@ -176,7 +176,6 @@ def build(kind, gpt, cfg):
 # ----------------------------------------------------------------------------------------------
 
 def sample_episodes(rng, cfg, n, split="train"):
-    from data import tasks
     out = []
     for _ in range(n):
         task = cfg["task"] if cfg["task"] != "mix" else ("msqa" if rng.random() < 0.5 else "recall")
@@ -270,7 +269,6 @@ def read_window_at(it, cfg):
 
 def train_one(kind, name, gpt, enc, cfg, device):
     """Train one memory (or the LoRA baseline); resumes from / reuses <out_dir>/memory_<name>.pt."""
-    from data import tasks
     torch.manual_seed(cfg["seed"])                                       # the same init whatever ran before
     model = build(kind, gpt, cfg).to(device)                             # (a backbone trained, other memories)
     step = torch.compile(model) if cfg["compile"] else model             # runs the steps; saves use model
@@ -585,7 +583,6 @@ def retrieval_context(enc, ep, q, budget):
 @torch.no_grad()
 def write_states(model, enc, episodes, device, chunk=32):
     """Write every episode's history; returns, per memory layer, the final states (E, H, r, d_k)."""
-    from data import tasks
     model.eval()
     per_layer = None
     for s in range(0, len(episodes), chunk):
@@ -599,7 +596,6 @@ def write_states(model, enc, episodes, device, chunk=32):
 
 def run_condition(enc, episodes, context, model=None, gpt=None, device="cpu"):
     """Answer every question of every episode with the given read context; returns predictions."""
-    from data import tasks
     # room for the longest gold answer (+ the newline): a 12-token answer must be decodable too
     new_tokens = max([6] + [len(enc.encode_ordinary(f" {q.a}\n")) for ep in episodes for q in ep.questions])
     block = (model.gpt if model is not None else gpt).config.block_size - new_tokens
@@ -647,7 +643,6 @@ def score_condition(preds, episodes):
 
 def conditions(cfg, enc, gpt, memories):
     """name -> (context function, model or None). memories: {name: trained model}."""
-    from data import tasks
     W = cfg["budget"]
     none = lambda ep, q: []
     full = lambda ep, q: enc.encode_ordinary(tasks.render_history(ep))
@@ -663,7 +658,6 @@ def conditions(cfg, enc, gpt, memories):
 
 
 def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
-    from data import tasks
     if episodes_by_split is None:
         task = "msqa" if cfg["task"] in ("msqa", "mix") else cfg["task"]
         episodes_by_split = {s: tasks.make_episodes(cfg["eval_episodes"], seed=10_000 + i, task=task,
@@ -699,7 +693,6 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
 @torch.no_grad()
 def general_val_loss(cfg, enc, gpt, model, device, n_batches=8):
     """LM loss on held-out corpus text: bare backbone vs memory attached after an unrelated write."""
-    from data import tasks
     from data.prepare import load_meta, load_split
     data = load_split(cfg["data_dir"], "val")
     n_corpus = load_meta(cfg["data_dir"]).get("val_corpus_tokens", len(data))
@@ -868,7 +861,6 @@ def ensure_backbone(cfg):
 
 def check_config(cfg):
     """Every flag's range, before any work starts (the checks that need the backbone: check_fits)."""
-    from data import tasks
     check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval"))
     if cfg["task"] not in ("msqa", "recall", "overwrites", "mix"):
         raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, overwrites, mix")
@@ -940,7 +932,6 @@ def main(argv=None):
 
 
 def eval_only(cfg, enc, gpt, device):
-    from data import tasks
     if not cfg["memory"]:
         raise UserError("--eval_only needs --memory=CKPT (and --episodes=FILE.jsonl, or the held-out splits "
                         "of --episode_preset)")
@@ -967,7 +958,6 @@ DEMO_NEW_TOKENS = 16                                                     # longe
 def parse_sessions(text, name):
     """Plain text -> (Episode, questions): one chat line per line; a blank line or a line starting
     with "Session" starts a new session; lines after a line "---" are questions, one per line."""
-    from data import tasks
     sessions, questions, current, asking = [], [], [], False
     for line in text.splitlines():
         line = line.rstrip()
@@ -1009,14 +999,12 @@ def demo_inputs(cfg):
 
 def demo_states(model, enc, ep, device):
     """The memory's states after writing ep's sessions (collate_episodes wants a question: a blank one)."""
-    from data import tasks
     return write_states(model, enc, [tasks.Episode(ep.sessions, [tasks.Question("", "", "demo")])], device)
 
 
 @torch.no_grad()
 def demo_answers(enc, gpt, model, states, ep, questions, device, new_tokens=DEMO_NEW_TOKENS):
     """For each question: (no memory, δ-mem, full context) greedy answers, the memory holding `states`."""
-    from data import tasks
     block = gpt.config.block_size - new_tokens
     asks = [tasks.question_prompt(enc, tasks.Question(q, "", "demo")) for q in questions]
     for q, a in zip(questions, asks):
@@ -1036,7 +1024,6 @@ def demo_answers(enc, gpt, model, states, ep, questions, device, new_tokens=DEMO
 
 def demo(enc, gpt, device, ep, questions, path):
     """Write the sessions into the memory once, then answer each question three ways, side by side."""
-    from data import tasks
     try:
         model, _ = DeltaMemGPT.load_memory(path, gpt)
     except (ValueError, FileNotFoundError) as e:
