@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 import train_memory as TM
-from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, delta_rule_scan, load_checkpoint
-from train_backbone import UserError, exact_match, fmt_time, parse_config, run_cli, writable_dir
+from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, delta_rule_scan
+from train_backbone import (UserError, fmt_time, load_checkpoint, load_memory, parse_config, presets, run_cli,
+                            writable_dir)
+from data.tasks import exact_match
 
 DEFAULTS = dict(
     TM.DEFAULTS,
@@ -57,8 +59,7 @@ DEFAULTS = dict(
     state_beta=1.0,               # ... the fixed write strength β
     state_episodes=1000,          # ... random episodes per point
 )
-PRESETS = {"cpu": dict(), "gpu": dict(TM.PRESETS["gpu"], out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt"),
-           "cpu_long": dict(TM.PRESETS["cpu_long"], out_dir="out-long-ablate")}
+PRESETS = presets("ablate")                       # train_backbone.PRESET_TABLE: the memory's, then its own out_dir
 # training settings added after sweeps existed: hashed only when set to something else than this value
 # (which changes nothing), so the finished cells of an older sweep keep their names and are skipped
 ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0, "bind_reg": 0.0,
@@ -670,7 +671,7 @@ def work(cfg, cells, enc, gpt, device):
     from data import tasks
     if cfg["memory"]:
         try:
-            model, _ = DeltaMemGPT.load_memory(cfg["memory"], gpt)
+            model, _ = load_memory(cfg["memory"], gpt)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(str(e))
     else:

@@ -34,25 +34,18 @@ import torch.nn.functional as F
 
 from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, IGNORE_INDEX, delta_rule_scan
 
-BACKBONE = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=1024)  # the cpu preset (1k BPE)
-MEMORY = None                                   # train_memory's config of the preset (None: its DEFAULTS)
-
-
-def memory_cfg():
-    import train_memory
-    return MEMORY or train_memory.DEFAULTS
-
-
-def use_preset(preset):
-    """Measure at train_backbone's / train_memory's sizes of `preset` (cpu or gpu): the backbone's shape
-    (vocabulary kept at 1k: speed hardly depends on it) and the memory's config, chunk size included."""
+def sizes(preset="cpu", chunk_size=None):
+    """(backbone, memory): train_backbone's model shape and train_memory's config of `preset` (cpu or gpu),
+    vocabulary 1k for both (speed hardly depends on it); chunk_size overrides the preset's chunk."""
     import train_backbone
     import train_memory
-    global MEMORY
     bb = {**train_backbone.DEFAULTS, **train_backbone.PRESETS[preset]}
-    BACKBONE.update({k: bb[k] for k in ("n_layer", "n_head", "n_embd", "block_size")})
-    MEMORY = {**train_memory.DEFAULTS, **train_memory.PRESETS[preset]}
-    return MEMORY
+    backbone = dict({k: bb[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}, vocab_size=1024)
+    memory = {**train_memory.DEFAULTS, **train_memory.PRESETS[preset]}
+    return backbone, dict(memory, chunk_size=chunk_size or memory["chunk_size"])
+
+
+CPU = sizes("cpu")                                 # what every part measures unless told otherwise
 
 
 def machine():
@@ -194,12 +187,12 @@ def scan_bench(Ts=(256, 1024, 4096), B=8, H=4, dk=8, r=8, chunk_size=8, repeats=
 # models and batches shared by parts 2, 3 and 5
 # ----------------------------------------------------------------------------------------------
 
-def models(device, seed=0):
-    """(trainable GPT, DeltaMemGPT with train_memory's default memory on a frozen twin of it)."""
+def models(device, at=CPU, seed=0):
+    """(trainable GPT, DeltaMemGPT with the memory of `at` on a frozen twin of it); at: sizes(...)."""
     import train_memory
     torch.manual_seed(seed)
-    gpt = GPT(GPTConfig(**BACKBONE)).to(device)
-    mem = DeltaMemGPT(copy.deepcopy(gpt), train_memory.memory_config(memory_cfg())).to(device)
+    gpt = GPT(GPTConfig(**at[0])).to(device)
+    mem = DeltaMemGPT(copy.deepcopy(gpt), train_memory.memory_config(at[1])).to(device)
     return gpt, mem
 
 
@@ -220,13 +213,13 @@ def train_batch(B=16, W=3, L=128, Q=6, Lq=20, line=16, answer=3, vocab=1024, see
 # 2. training: a memory step vs a plain backbone step on the same tokens
 # ----------------------------------------------------------------------------------------------
 
-def train_step_bench(repeats=3, device="cpu", compile=False, **shape):
+def train_step_bench(repeats=3, device="cpu", compile=False, at=CPU, **shape):
     """compile=True: both steps run torch.compile'd models (as --compile in the training scripts)."""
     import train_memory
-    gpt, mem = models(device)
+    gpt, mem = models(device, at)
     run_gpt, run_mem = (torch.compile(gpt), torch.compile(mem)) if compile else (gpt, mem)
     batch = {k: v.to(device) for k, v in train_batch(**shape).items()}
-    cfg = memory_cfg()
+    cfg = at[1]
     hist, qx = batch["hist"].flatten(0, 1), batch["qx"].flatten(0, 1)  # (B·W, L), (B·Q, Lq)
     hist_y = torch.roll(hist, -1, dims=1)                                # next-token targets
     B, V = batch["hist"].size(0), gpt.config.vocab_size
@@ -280,8 +273,8 @@ def history_windows(history, block):
     return idx.view(1, W, block), mask.view(1, W, block)
 
 
-def answer_bench(Ts=(128, 256, 512, 1024, 2048), Q=16, Lq=16, answer_len=4, repeats=3, device="cpu"):
-    gpt, mem = models(device)
+def answer_bench(Ts=(128, 256, 512, 1024, 2048), Q=16, Lq=16, answer_len=4, repeats=3, device="cpu", at=CPU):
+    gpt, mem = models(device, at)
     gpt.eval()
     mem.eval()
     block = gpt.config.block_size
@@ -332,10 +325,10 @@ def answer_bench(Ts=(128, 256, 512, 1024, 2048), Q=16, Lq=16, answer_len=4, repe
 # 5. decode: per-token latency with the memory attached
 # ----------------------------------------------------------------------------------------------
 
-def decode_bench(prompt_len=32, new_tokens=32, history=256, repeats=3, device="cpu"):
+def decode_bench(prompt_len=32, new_tokens=32, history=256, repeats=3, device="cpu", at=CPU):
     """Greedy generation, batch 1, with the KV cache on both sides (GPT.generate): the prompt once, then
     one token per step, so the ratio isolates the memory's reads of every new token."""
-    gpt, mem = models(device)
+    gpt, mem = models(device, at)
     gpt.eval()
     mem.eval()
     g = torch.Generator().manual_seed(2)
@@ -359,55 +352,50 @@ def decode_bench(prompt_len=32, new_tokens=32, history=256, repeats=3, device="c
 # the run
 # ----------------------------------------------------------------------------------------------
 
+DEFAULTS = dict(T="256,1024,4096", repeats=3, chunk_size=0, quick=False, compile=False, out="bench.json",
+                device="auto", preset="auto")            # chunk_size 0: the preset's; preset auto: gpu on CUDA
+
+
 def parse(argv):
-    args = dict(T="256,1024,4096", repeats="3", chunk_size="preset", quick=False, compile=False, out="bench.json",
-                device="cuda" if torch.cuda.is_available() else "cpu", preset="auto")
-    for a in argv:
-        key, eq, val = a.lstrip("-").partition("=")
-        if key not in args:
-            sys.exit(f"error: unknown option --{key}; valid: {', '.join('--' + k for k in args)}")
-        args[key] = True if key in ("quick", "compile") and not eq else val
+    from train_backbone import UserError, check_device, check_positive, parse_config
+    args = parse_config(argv, DEFAULTS)
     try:
-        args["quick"], args["compile"] = (args[k] in (True, "1", "true", "True") for k in ("quick", "compile"))
-        args["T"] = tuple(int(t) for t in str(args["T"]).split(","))
-        args["repeats"] = int(args["repeats"])
-        if args["chunk_size"] != "preset":
-            args["chunk_size"] = int(args["chunk_size"])
-            if args["chunk_size"] < 1:
-                raise ValueError
-        if min(args["T"]) < 1 or args["repeats"] < 1:
-            raise ValueError
+        args["T"] = tuple(int(t) for t in args["T"].split(","))
     except ValueError:
-        sys.exit("error: --T takes positive ints (e.g. 256,1024), --repeats and --chunk_size positive ints")
+        raise UserError(f"--T={args['T']} is not a comma list of whole numbers, e.g. --T=256,1024") from None
+    if min(args["T"]) < 1 or args["repeats"] < 1 or args["chunk_size"] < 0:
+        raise UserError("--T takes positive whole numbers (e.g. 256,1024), --repeats one >= 1, --chunk_size one >= 0")
+    check_device(args["device"])
+    if args["device"] == "auto":
+        args["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if args["preset"] == "auto":
-        args["preset"] = "gpu" if args["device"] == "cuda" else "cpu"
+        args["preset"] = "gpu" if args["device"].startswith("cuda") else "cpu"
     if args["preset"] not in ("cpu", "gpu"):
-        sys.exit(f"error: --preset must be auto, cpu or gpu, got {args['preset']!r}")
+        raise UserError(f"--preset must be auto, cpu or gpu, got {args['preset']!r}")
     return args
 
 
 def main(argv):
     a = parse(argv)
     dev, rep = a["device"], a["repeats"]
-    mcfg = use_preset(a["preset"])
-    if a["chunk_size"] == "preset":
-        a["chunk_size"] = mcfg["chunk_size"]
+    at = sizes(a["preset"], a["chunk_size"])
+    backbone, a["chunk_size"] = at[0], at[1]["chunk_size"]
     info = machine()
     print(f"on {info['device_name']}, {info['cpu_cores']} CPU cores, torch {info['torch']}; {a['preset']} preset sizes "
-          f"(layers {BACKBONE['n_layer']}, width {BACKBONE['n_embd']}, block {BACKBONE['block_size']}), chunk {a['chunk_size']}"
+          f"(layers {backbone['n_layer']}, width {backbone['n_embd']}, block {backbone['block_size']}), chunk {a['chunk_size']}"
           f"{' (--quick: tiny sizes, the numbers mean nothing)' if a['quick'] else ''}")
     if a["quick"]:                                                       # smoke run: every code path, tiny
         scan = scan_bench((64, 1024), B=1, H=1, chunk_size=a["chunk_size"], repeats=1, device=dev,
                           gates_list=("rowwise",))
-        train = train_step_bench(1, dev, compile=a["compile"], B=2, W=2, L=32, Q=2, Lq=8)
-        answer = answer_bench((64, 512), Q=2, Lq=8, answer_len=2, repeats=1, device=dev)
-        decode = decode_bench(8, 2, 32, repeats=1, device=dev)
+        train = train_step_bench(1, dev, compile=a["compile"], at=at, B=2, W=2, L=32, Q=2, Lq=8)
+        answer = answer_bench((64, 512), Q=2, Lq=8, answer_len=2, repeats=1, device=dev, at=at)
+        decode = decode_bench(8, 2, 32, repeats=1, device=dev, at=at)
     else:
         scan = scan_bench(a["T"], chunk_size=a["chunk_size"], repeats=rep, device=dev)
-        train = train_step_bench(rep, dev, compile=a["compile"])
-        answer = answer_bench(repeats=rep, device=dev)
-        decode = decode_bench(repeats=rep, device=dev)
-    out = dict(machine=info, quick=a["quick"], preset=a["preset"], backbone=dict(BACKBONE), chunk_size=a["chunk_size"],
+        train = train_step_bench(rep, dev, compile=a["compile"], at=at)
+        answer = answer_bench(repeats=rep, device=dev, at=at)
+        decode = decode_bench(repeats=rep, device=dev, at=at)
+    out = dict(machine=info, quick=a["quick"], preset=a["preset"], backbone=backbone, chunk_size=a["chunk_size"],
                memory_measure="torch.cuda.max_memory_allocated" if dev == "cuda"
                else "torch.profiler profile_memory: peak of live tensor bytes above the start",
                train_step_overhead=train["overhead"], answer_time_ratio_at_max_T=answer[-1]["ratio"],
@@ -427,4 +415,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from train_backbone import run_cli
+    run_cli(lambda: main(sys.argv[1:]))

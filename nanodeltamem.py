@@ -450,7 +450,7 @@ class DeltaMemory(nn.Module):
                 nn.init.zeros_(B.weight)
         self.scale = cfg.alpha / r
         self.state = None                                                # (B, H, r, d_k) or None = 0
-        self.last_beta = None                                            # mean β of the last write pass
+        self.mean_beta = None                                            # mean β of the last write pass
 
     @torch.no_grad()
     def init_corrections(self, attn):
@@ -516,7 +516,7 @@ class DeltaMemory(nn.Module):
         elif cfg.write == "token":                                       # TSW: every token writes
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
             k, v, beta, keep = self.write_terms(x, n_windows, real)     # padding: β = 0, keep 1, a no-op
-            self.last_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
+            self.mean_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
             read, S = delta_rule_scan(q, k, v, beta, S, **self._decay(scan, keep))
         else:                                                            # SSW: every line writes once
             read, S = self._segment_write(h, q, S, n_windows, seg, scan)
@@ -545,7 +545,7 @@ class DeltaMemory(nn.Module):
         real = (count > 0).to(h.dtype).reshape(B, 1, W * M, 1)
         k, v, beta, keep = self.write_terms(pooled.reshape(B, W * M, d), W, real)  # (B, H, W·M, ·) empty lines:
                                                                          # no write, no decay
-        self.last_beta = beta.sum() / (real.sum() * H * beta.size(-1))  # mean β (regulariser)
+        self.mean_beta = beta.sum() / (real.sum() * H * beta.size(-1))  # mean β (regulariser)
 
         def steps(tok, line):                                            # (B, H, W, L+M, ·) interleave
             return torch.cat([tok.reshape(B, H, W, L, -1), line.reshape(B, H, W, M, -1)], 3).flatten(2, 3)
@@ -665,27 +665,28 @@ class DeltaMemGPT(nn.Module):
         t, f = self.param_counts()
         return f"memory: {t:,} trainable parameters, backbone: {f:,} frozen ({100 * t / (t + f):.2f}% trainable)"
 
-    # checkpoints hold only the memory, bound to the backbone's weights
-    def save_memory(self, path, **extra):
-        save_atomic({"memory": self.memories.state_dict(), "mem_config": asdict(self.mcfg),
-                     "backbone_hash": self.backbone_hash, **extra}, path)
+    # a checkpoint holds only the memory, bound to the backbone's weights by their hash (the scripts write
+    # and read the file: train_backbone.save_memory / load_memory)
+    def checkpoint(self, **extra):
+        return {"memory": self.memories.state_dict(), "mem_config": asdict(self.mcfg),
+                "backbone_hash": self.backbone_hash, **extra}
 
     @classmethod
-    def load_memory(cls, path, gpt):
-        ckpt = load_checkpoint(path, required=("memory", "mem_config", "backbone_hash"))
+    def from_checkpoint(cls, ckpt, gpt, name="the checkpoint"):
+        """The memory of `ckpt` on backbone `gpt`; refused (ValueError) if it was trained on another one."""
         if ckpt["backbone_hash"] != weights_hash(gpt):
-            raise ValueError(f"{path} was trained on backbone {ckpt['backbone_hash']}, but this backbone is "
+            raise ValueError(f"{name} was trained on backbone {ckpt['backbone_hash']}, but this backbone is "
                              f"{weights_hash(gpt)}: pass the backbone checkpoint it was trained with (--backbone)")
         try:
             model = cls(gpt, MemoryConfig(**ckpt["mem_config"]))
             model.memories.load_state_dict(ckpt["memory"])
         except (TypeError, ValueError, RuntimeError) as e:              # unknown config keys, other shapes
-            raise unfit(path, e) from None
-        return model, ckpt
+            raise unfit(name, e) from None
+        return model
 
 
 # ----------------------------------------------------------------------------------------------
-# Small utilities shared by the scripts
+# Small utilities the scripts share
 # ----------------------------------------------------------------------------------------------
 
 def autodetect_device():
@@ -696,76 +697,8 @@ def autodetect_device():
     return "cpu"
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted save never leaves half a file."""
-    import os
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# the type of every entry the project's checkpoints hold ("tensors": a state_dict, names -> tensors);
-# an entry of another type is refused in one line, before any code trips over it
-ENTRY_TYPES = dict(model="tensors", config=dict, optimizer=dict, iter_num=int, history=list, train_config=dict,
-                   data=dict, memory="tensors", mem_config=dict, backbone_hash=str)
-
-
-def load_checkpoint(path, required=()):
-    """torch.load with one-line errors for a missing, truncated or foreign file.
-
-    weights_only=True: unpickling builds only tensors and plain Python values, so a crafted file cannot
-    run code while it loads; the project's checkpoints hold nothing else (configs are dicts).
-    """
-    import os
-    import pickle
-    import re
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch names the refused object as "GLOBAL module.name" (older releases: "Unsupported class ...")
-        refused = re.search(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(e))
-        if refused is None:                                              # not a pickle at all
-            raise ValueError(f"checkpoint {path} is corrupt or truncated (UnpicklingError); "
-                             f"delete it and train again") from None
-        raise ValueError(f"{path} holds objects that loading would have to run code for ({refused[1]}); this "
-                         f"project never writes such files: delete it and train again, or re-save it with plain "
-                         f"tensors and dicts") from None
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                         f"delete it and train again") from None
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not the right kind of checkpoint (missing {', '.join(missing)}); "
-                         f"pass the right file, or delete it and train again")
-    for key, kind in ENTRY_TYPES.items():
-        if isinstance(ckpt, dict) and key in ckpt and not _is_a(ckpt[key], kind):
-            want = "dict of tensors" if kind == "tensors" else kind.__name__
-            raise ValueError(f"{path} is not the right kind of checkpoint ({key!r} is {type(ckpt[key]).__name__}, "
-                             f"expected {want}); pass the right file, or delete it and train again")
-    return ckpt
-
-
-def _is_a(value, kind):
-    if kind == "tensors":
-        return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
-    return isinstance(value, kind)
-
-
 def unfit(path, e):
     """The one-line error for a checkpoint whose config or weights this code cannot use (e: what failed)."""
     import textwrap
     return ValueError(f"{path} does not fit this code ({textwrap.shorten(str(e), 160)}); "
                       f"pass the right file, or delete it and train again")
-
-
-def load_backbone(path):
-    """A GPT from a train_backbone.py checkpoint (unwrapped weights + config)."""
-    ckpt = load_checkpoint(path, required=("model", "config"))
-    try:
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:  # unknown config keys, other shapes
-        raise unfit(path, e) from None
-    return model, ckpt

@@ -11,6 +11,8 @@ optimizer, a training loop with periodic evaluation and checkpoints, then a shor
 """
 import math
 import os
+import pickle
+import re
 import shlex
 import signal
 import sys
@@ -20,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from nanodeltamem import GPT, GPTConfig, autodetect_device, save_atomic, load_checkpoint, unfit
+from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, autodetect_device, unfit
 
 # ----------------------------------------------------------------------------------------------
 # config: defaults, then a preset, then --key=value overrides
@@ -39,24 +41,49 @@ DEFAULTS = dict(
     batch_size=16, max_iters=1500, learning_rate=6e-3, min_lr=1e-3, warmup_iters=100,
     weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
     # logging / evaluation
-    eval_interval=250, eval_iters=8, log_interval=25, eval_episodes=200,
+    eval_interval=250, eval_iters=8, log_interval=25, eval_episodes=100,
 )
-PRESETS = {
-    "cpu": dict(),                                               # the defaults above
-    "cpu_long": dict(max_iters=3000, out_dir="out-long"),        # 2x the steps: binds better (train_memory's cpu_long)
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=64, max_iters=3000,
-                learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20,
-                out_dir="out-gpu"),                              # where train_memory.py --preset=gpu looks
+# every preset of every script in one table: what it changes in that script's defaults
+# (ablate.py takes the memory's column and then its own)
+PRESET_TABLE = {
+    "cpu": dict(backbone=dict(), memory=dict(), ablate=dict()),             # the defaults
+    # 2x the backbone's steps (binds better) and the recipe that binds there: no forgetting, 1500 steps
+    "cpu_long": dict(backbone=dict(max_iters=3000, out_dir="out-long"),
+                     memory=dict(backbone="out-long/backbone.pt", out_dir="out-long", max_iters=1500,
+                                 update="deltanet", gate_bias=0.0),
+                     ablate=dict(out_dir="out-long-ablate")),
+    # a 6-layer, width-384 backbone; the memory's chunk 64 means few sequential scan steps
+    "gpu": dict(backbone=dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=64, max_iters=3000,
+                              learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20,
+                              out_dir="out-gpu"),
+                memory=dict(batch_size=32, max_iters=2000, eval_episodes=200, val_episodes=256, chunk_size=64,
+                            backbone="out-gpu/backbone.pt", out_dir="out-gpu"),
+                ablate=dict(out_dir="out-gpu-ablate")),
 }
+
+
+def presets(script):
+    """One script's column of PRESET_TABLE: {preset: overrides} (script: backbone, memory or ablate)."""
+    col = lambda row: {**row["memory"], **row["ablate"]} if script == "ablate" else dict(row[script])
+    return {name: col(row) for name, row in PRESET_TABLE.items()}
+
+
+PRESETS = presets("backbone")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 
 
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, never a stack trace."""
+# ----------------------------------------------------------------------------------------------
+# shared by every script: the flag parser and its one-line errors, the training loop, checkpoints,
+# greedy answers. train_memory.py, ablate.py, bench.py and data/prepare.py import these (and only these)
+# ----------------------------------------------------------------------------------------------
+
+class UserError(ValueError):
+    """A mistake the user can fix: printed as one line, never a stack trace (run_cli)."""
 
 
-def parse_config(argv, defaults, presets):
-    """defaults <- preset <- --key=value, each value checked against the default's type."""
+def parse_config(argv, defaults, presets=None):
+    """defaults <- preset <- --key=value, each value checked against the default's type.
+    presets: {name: overrides}, one script's column of PRESET_TABLE (None: the script has no presets)."""
     overrides = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -66,6 +93,8 @@ def parse_config(argv, defaults, presets):
             raise UserError(f"unknown option --{key}; valid options: {', '.join('--' + k for k in defaults)}")
         overrides[key] = convert(key, val if eq else "true", defaults[key])
     cfg = dict(defaults)
+    if presets is None:
+        return dict(cfg, **overrides)
     preset = overrides.get("preset", cfg["preset"])
     if preset not in presets:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
@@ -109,41 +138,6 @@ def check_device(device):
         raise UserError(f"--device={device} is not valid: use auto, cpu, cuda, cuda:N or mps")
 
 
-class GracefulStop:
-    """Ctrl-C (SIGINT) or `kill` (SIGTERM) only sets a flag: the training loop checks it between
-    iterations, so the checkpoint it then saves never holds a half-applied optimizer step. A second
-    Ctrl-C stops at once, without saving (the last periodic checkpoint stays). restore() undoes it."""
-
-    def __init__(self, ckpt_path):
-        self.ckpt_path, self.requested = ckpt_path, False
-        main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
-        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
-
-    def restore(self):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            print(f"\nstopped without saving; the last checkpoint is {self.ckpt_path}", flush=True)
-            raise SystemExit(130)
-        self.requested = True
-        print("\nstopping after this iteration to save a checkpoint (Ctrl-C again: stop now)", flush=True)
-
-    def check(self):
-        """Called at an iteration boundary: turns a pending stop request into KeyboardInterrupt."""
-        if self.requested:
-            raise KeyboardInterrupt
-
-
-def resume_command(cfg):
-    """The command line that resumes this run: every option that differs from its default, plus --resume."""
-    base = dict(DEFAULTS, **PRESETS[cfg["preset"]])
-    args = [shlex.quote(f"--{k}={v}") for k, v in cfg.items() if k not in ("resume", "preset") and v != base[k]]
-    preset = [f"--preset={cfg['preset']}"] if cfg["preset"] != DEFAULTS["preset"] else []
-    return " ".join(["python train_backbone.py", "--resume", *preset, *args])
-
-
 def writable_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
@@ -172,18 +166,194 @@ def ensure_data(data_dir):
         return load_meta(data_dir)
 
 
-# ----------------------------------------------------------------------------------------------
-# answering questions greedily (shared with train_memory.py)
-# ----------------------------------------------------------------------------------------------
+def run_cli(fn, on_interrupt=None):
+    """Run a script's main: a mistake the user can fix is one line on stderr and exit code 2; with
+    on_interrupt, a Ctrl-C outside a training loop prints that line and exits 130."""
+    from data.prepare import DataError
+    try:
+        return fn()
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if on_interrupt is None:
+            raise
+        print(on_interrupt, file=sys.stderr)
+        sys.exit(130)
 
-def normalize_answer(s):
-    return s.strip().strip(".!?,;:").strip().lower()
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or `kill` (SIGTERM) only sets a flag: the training loop checks it between
+    iterations, so the checkpoint it then saves never holds a half-applied optimizer step. A second
+    Ctrl-C stops at once, without saving (the last periodic checkpoint stays). restore() undoes it."""
+
+    def __init__(self, ckpt_path):
+        self.ckpt_path, self.requested = ckpt_path, False
+        main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+
+    def restore(self):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            print(f"\nstopped without saving; the last checkpoint is {self.ckpt_path}", flush=True)
+            raise SystemExit(130)
+        self.requested = True
+        print("\nstopping after this iteration to save a checkpoint (Ctrl-C again: stop now)", flush=True)
+
+    def check(self):
+        """Called at an iteration boundary: turns a pending stop request into KeyboardInterrupt."""
+        if self.requested:
+            raise KeyboardInterrupt
 
 
-def exact_match(pred, gold):
-    """The one answer check of every evaluation: equal after normalize_answer."""
-    return normalize_answer(pred) == normalize_answer(gold)
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr."""
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
+    frac = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg["learning_rate"] - cfg["min_lr"])
 
+
+def fit(loss_at, params, optimizer, cfg, start, ckpt_path, save, log, evaluate=None, tag="", resume_hint=""):
+    """The one training loop, the backbone's and every memory's (minGPT's Trainer.run).
+
+    For it = start .. max_iters - 1: the learning rate lr_at(it), loss = loss_at(it) (its batch must depend
+    on it alone, so a resumed run sees the same batches), a one-line error on a non-finite loss, then
+    backward, clip to grad_clip, step. Every log_interval steps and at the end, log(it, mean loss, lr,
+    seconds per step); every eval_interval steps (default: log_interval) and at the end, evaluate(it).
+    Ctrl-C or kill stops between steps: save(it), then resume_hint, exit 130. Returns the last iteration.
+    """
+    stop = GracefulStop(ckpt_path)                                       # Ctrl-C / kill: stop between steps
+    it, running, t_last = start, [], time.time()
+    every = cfg.get("eval_interval", cfg["log_interval"])
+    try:
+        while it < cfg["max_iters"]:
+            stop.check()
+            lr = lr_at(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss_at(it)
+            if not torch.isfinite(loss):
+                raise UserError(f"{tag}loss became {loss.item()} at iteration {it}; the last good checkpoint is "
+                                f"{ckpt_path}. Try a lower --learning_rate (now {cfg['learning_rate']})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            optimizer.step()
+            running.append(loss.item())
+            it += 1
+            last = it == cfg["max_iters"]
+            if it % cfg["log_interval"] == 0 or last:
+                log(it, float(np.mean(running)), lr, (time.time() - t_last) / len(running))
+                running = []
+            if evaluate is not None and (it % every == 0 or last):
+                evaluate(it)
+            if not running:
+                t_last = time.time()                                     # evaluation is not training time
+    except KeyboardInterrupt:
+        save(it)
+        print(f"\ninterrupted at iteration {it}: checkpoint saved to {ckpt_path}.\n{resume_hint}", flush=True)
+        sys.exit(130)
+    finally:
+        stop.restore()
+    return it
+
+
+# checkpoints: written atomically, read without running code, every entry type-checked
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: an interrupted save never leaves half a file."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# the type of every entry the project's checkpoints hold ("tensors": a state_dict, names -> tensors);
+# an entry of another type is refused in one line, before any code trips over it
+ENTRY_TYPES = dict(model="tensors", config=dict, optimizer=dict, iter_num=int, history=list, train_config=dict,
+                   data=dict, memory="tensors", mem_config=dict, backbone_hash=str)
+MEMORY_ENTRIES = ("memory", "mem_config", "backbone_hash")              # what every memory checkpoint holds
+
+
+def load_checkpoint(path, required=()):
+    """torch.load with one-line errors for a missing, truncated or foreign file.
+
+    weights_only=True: unpickling builds only tensors and plain Python values, so a crafted file cannot
+    run code while it loads; the project's checkpoints hold nothing else (configs are dicts).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the refused object as "GLOBAL module.name" (older releases: "Unsupported class ...")
+        refused = re.search(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(e))
+        if refused is None:                                              # not a pickle at all
+            raise UserError(f"checkpoint {path} is corrupt or truncated (UnpicklingError); "
+                            f"delete it and train again") from None
+        raise UserError(f"{path} holds objects that loading would have to run code for ({refused[1]}); this "
+                        f"project never writes such files: delete it and train again, or re-save it with plain "
+                        f"tensors and dicts") from None
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+                        f"delete it and train again") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not the right kind of checkpoint (missing {', '.join(missing)}); "
+                        f"pass the right file, or delete it and train again")
+    for key, kind in ENTRY_TYPES.items():
+        if isinstance(ckpt, dict) and key in ckpt and not _is_a(ckpt[key], kind):
+            want = "dict of tensors" if kind == "tensors" else kind.__name__
+            raise UserError(f"{path} is not the right kind of checkpoint ({key!r} is {type(ckpt[key]).__name__}, "
+                            f"expected {want}); pass the right file, or delete it and train again")
+    return ckpt
+
+
+def _is_a(value, kind):
+    if kind == "tensors":
+        return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+    return isinstance(value, kind)
+
+
+def load_weights(path, ckpt, key, module, optimizer=None):
+    """A resumed run's weights (ckpt[key]) and optimizer state; what does not fit this code is one line."""
+    try:
+        module.load_state_dict(ckpt[key])
+        if optimizer is not None and "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:        # other shapes, another optimizer
+        raise UserError(str(unfit(path, e))) from None
+
+
+def load_backbone(path):
+    """A GPT from a train_backbone.py checkpoint (unwrapped weights + config)."""
+    ckpt = load_checkpoint(path, required=("model", "config"))
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+    except (TypeError, ValueError, AssertionError) as e:                 # unknown config keys
+        raise UserError(str(unfit(path, e))) from None
+    load_weights(path, ckpt, "model", model)
+    return model, ckpt
+
+
+def save_memory(model, path, **extra):
+    """A memory checkpoint: the memory's weights and config, bound to its backbone (DeltaMemGPT.checkpoint)."""
+    save_atomic(model.checkpoint(**extra), path)
+
+
+def load_memory(path, gpt):
+    """(DeltaMemGPT, checkpoint) from save_memory's file; another backbone or shape is one line."""
+    ckpt = load_checkpoint(path, required=MEMORY_ENTRIES)
+    try:
+        return DeltaMemGPT.from_checkpoint(ckpt, gpt, name=path), ckpt
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+# greedy answers, for every evaluation
 
 def model_logits(model, device):
     """greedy_answers' logits_fn for a model that needs no per-row state: its logits (b, T, V) on the CPU."""
@@ -222,6 +392,19 @@ def greedy_answers(logits_fn, prompts, enc, max_new_tokens=6, batch_size=64):
     return out
 
 
+
+# ----------------------------------------------------------------------------------------------
+# the backbone: how to resume it, and what it learned (its report after training)
+# ----------------------------------------------------------------------------------------------
+
+def resume_command(cfg):
+    """The command line that resumes this run: every option that differs from its default, plus --resume."""
+    base = dict(DEFAULTS, **PRESETS[cfg["preset"]])
+    args = [shlex.quote(f"--{k}={v}") for k, v in cfg.items() if k not in ("resume", "preset") and v != base[k]]
+    preset = [f"--preset={cfg['preset']}"] if cfg["preset"] != DEFAULTS["preset"] else []
+    return " ".join(["python train_backbone.py", "--resume", *preset, *args])
+
+
 def context_exact_match(model, enc, episodes, with_history, device="cpu", max_new_tokens=6):
     """Exact match of the bare backbone on task questions, with the history in its context or not.
 
@@ -238,7 +421,7 @@ def context_exact_match(model, enc, episodes, with_history, device="cpu", max_ne
             gold.append(q.a)
             fams.append(q.family)
     preds = greedy_answers(model_logits(model, device), prompts, enc, max_new_tokens)
-    return score(preds, gold, fams)
+    return tasks.score(preds, gold, fams)
 
 
 def binding_exact_match(model, enc, pairs=(1, 2, 4, 8), n_episodes=40, device="cpu", seed=4321):
@@ -309,15 +492,6 @@ def subject_probe(model, enc, n_names=40, reps=6, seed=0, device="cpu"):
     return dict(out, chance=1 / len(names))
 
 
-def score(preds, gold, fams):
-    per = {}
-    for p, g, f in zip(preds, gold, fams):
-        per.setdefault(f, []).append(exact_match(p, g))
-    res = {f: float(np.mean(v)) for f, v in sorted(per.items())}
-    res["macro"] = float(np.mean(list(res.values()))) if res else 0.0
-    return res
-
-
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
@@ -352,14 +526,6 @@ class Rows:
         ix = np.where(task.numpy(), doc, off)
         rows = torch.stack([torch.from_numpy(self.data[i:i + self.T + 1].astype(np.int64)) for i in ix])
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()       # x, y: (B, T) each
-
-
-def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr."""
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
-    frac = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
 def make_optimizer(model, cfg):
@@ -402,7 +568,7 @@ def train(cfg):
                            weight_decay=(lambda v: v >= 0, "a number >= 0, e.g. 0.1"),
                            beta1=(lambda v: 0 <= v < 1, unit), beta2=(lambda v: 0 <= v < 1, unit),
                            grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"),
-                           eval_episodes=(lambda v: v >= 0, "a whole number >= 0, e.g. 200")))
+                           eval_episodes=(lambda v: v >= 0, "a whole number >= 0, e.g. 100")))
     check_device(cfg["device"])
     writable_dir(cfg["out_dir"])
     meta = ensure_data(cfg["data_dir"])
@@ -420,18 +586,11 @@ def train(cfg):
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
             raise UserError(f"--resume: no checkpoint at {ckpt_path}; train first (drop --resume)")
-        try:
-            ckpt = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
-        except ValueError as e:
-            raise UserError(str(e))
+        ckpt = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
         if ckpt["config"] != gconf.__dict__:
             raise UserError(f"{ckpt_path} holds a model with config {ckpt['config']}, not {gconf.__dict__}: "
                             f"resume with the same options, or use another --out_dir")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (TypeError, ValueError, KeyError, RuntimeError) as e:    # other shapes, another optimizer
-            raise UserError(str(unfit(ckpt_path, e)))
+        load_weights(ckpt_path, ckpt, "model", model, optimizer)
         start, history = ckpt["iter_num"], ckpt.get("history", [])
         print(f"resuming from {ckpt_path} at iteration {start}")
     model.to(device)
@@ -463,49 +622,28 @@ def train(cfg):
                          data=dict(dir=cfg["data_dir"], vocab_size=meta["vocab_size"],
                                    corpus_sha256=meta.get("corpus_sha256"))), ckpt_path)
 
+    def loss_at(it):
+        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + it)  # the batch depends only on it
+        x, y = train_rows.batch(cfg["batch_size"], gen)
+        with autocast:
+            return train_step(x.to(device), y.to(device))[1]
+
     tokens_per_iter = cfg["batch_size"] * gconf.block_size
-    t0, t_last, running = time.time(), time.time(), []
-    it = start
-    stop = GracefulStop(ckpt_path)                                       # Ctrl-C / kill: stop between iterations
-    try:
-        while it < cfg["max_iters"]:
-            stop.check()
-            gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + it)  # batch depends only on it
-            x, y = train_rows.batch(cfg["batch_size"], gen)
-            lr = lr_at(it, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                _, loss = train_step(x.to(device), y.to(device))
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at iteration {it}; the last good checkpoint is "
-                                f"{ckpt_path}. Try a lower --learning_rate (now {cfg['learning_rate']})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            optimizer.step()
-            running.append(loss.item())
-            it += 1
-            if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
-                dt = (time.time() - t_last) / len(running)
-                eta = dt * (cfg["max_iters"] - it)
-                print(f"iter {it:5d}/{cfg['max_iters']} | loss {np.mean(running):.3f} | lr {lr:.1e} | "
-                      f"{dt * 1000:.0f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_time(eta)}", flush=True)
-                history.append(dict(iter=it, train=float(np.mean(running))))
-                running, t_last = [], time.time()
-            if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-                vl = val_loss()
-                history.append(dict(iter=it, val=vl))
-                save(it)
-                print(f"iter {it:5d} | val loss {vl:.3f} | saved {ckpt_path}", flush=True)
-                t_last = time.time()
-    except KeyboardInterrupt:
+
+    def log(it, loss, lr, dt):
+        print(f"iter {it:5d}/{cfg['max_iters']} | loss {loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms/iter | "
+              f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
+        history.append(dict(iter=it, train=loss))
+
+    def evaluate(it):
+        vl = val_loss()
+        history.append(dict(iter=it, val=vl))
         save(it)
-        print(f"\ninterrupted at iteration {it}: checkpoint saved to {ckpt_path}.\n"
-              f"Resume with: {resume_command(cfg)}", flush=True)
-        sys.exit(130)
-    finally:
-        stop.restore()
+        print(f"iter {it:5d} | val loss {vl:.3f} | saved {ckpt_path}", flush=True)
+
+    t0 = time.time()
+    it = fit(loss_at, list(model.parameters()), optimizer, cfg, start, ckpt_path, save, log, evaluate,
+             resume_hint=f"Resume with: {resume_command(cfg)}")
     if it == start and start > 0:
         print(f"{ckpt_path} already trained for {start} iterations (--max_iters={cfg['max_iters']})")
     print(f"training took {fmt_time(time.time() - t0)}")
@@ -525,7 +663,7 @@ def report(model, enc, cfg, device):
     torch.manual_seed(cfg["seed"])
     sample = model.generate(start, 80, temperature=0.8, top_k=50)[0].tolist()
     print("--- sample ---\n" + enc.decode(sample[1:]).strip() + "\n--------------")
-    episodes = tasks.make_episodes(cfg["eval_episodes"] // 2, seed=987654, task="msqa", preset="small", split="iid")
+    episodes = tasks.make_episodes(cfg["eval_episodes"], seed=987654, task="msqa", preset="small", split="iid")
     for with_history in (True, False):
         res = context_exact_match(model, enc, episodes, with_history, device)
         fams = " ".join(f"{f} {v:.2f}" for f, v in res.items() if f != "macro")
@@ -541,22 +679,6 @@ def report(model, enc, cfg, device):
         print(f"where is a fact's subject (linear probe, layers 0..{len(probe['answer']) - 1}, chance "
               f"{probe['chance']:.3f}): "
               f"at the answer position {fmt(probe['answer'])} | at the fact's value token {fmt(probe['value'])}")
-
-
-def run_cli(fn, on_interrupt=None):
-    """Run a script's main: a mistake the user can fix is one line on stderr and exit code 2; with
-    on_interrupt, a Ctrl-C outside a training loop prints that line and exits 130."""
-    from data.prepare import DataError
-    try:
-        return fn()
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        if on_interrupt is None:
-            raise
-        print(on_interrupt, file=sys.stderr)
-        sys.exit(130)
 
 
 def main(argv=None):

@@ -26,12 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanodeltamem import (DeltaMemGPT, MemoryConfig, autodetect_device, load_backbone, load_checkpoint,
-                          IGNORE_INDEX, unfit)
-from train_backbone import (UserError, parse_config, fmt_time, writable_dir, greedy_answers, model_logits,
-                            normalize_answer, exact_match, check_positive, check_ranges, check_device, score)
+from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, IGNORE_INDEX
 import train_backbone
+from train_backbone import (MEMORY_ENTRIES, UserError, check_device, check_positive, check_ranges, ensure_data, fit,
+                            fmt_time, greedy_answers, load_backbone, load_checkpoint, load_memory, load_weights,
+                            model_logits, parse_config, presets, run_cli, save_memory, writable_dir)
 from data import tasks
+from data.tasks import exact_match, normalize_answer, score
 
 DEFAULTS = dict(
     preset="cpu",
@@ -65,15 +66,7 @@ DEFAULTS = dict(
     eval_only=False, memory="", episodes="",
     demo="",                      # a sessions text file (or - for stdin): answers with and without memory
 )
-PRESETS = {
-    "cpu": dict(),
-    # ~1 hour on a 2-core CPU: the 3000-step backbone and the recipe that makes a memory bind there
-    # (a key that sees the name, no forgetting, two middle layers; README, *What makes a memory bind*)
-    "cpu_long": dict(backbone="out-long/backbone.pt", out_dir="out-long", max_iters=1500, update="deltanet",
-                     key_conv=4, layers="1,2", learning_rate=3e-2, gate_bias=0.0),
-    "gpu": dict(batch_size=32, max_iters=2000, eval_episodes=200, val_episodes=256, chunk_size=64,
-                backbone="out-gpu/backbone.pt", out_dir="out-gpu"),  # chunk 64: few sequential steps
-}
+PRESETS = presets("memory")                                       # train_backbone.PRESET_TABLE
 EVAL_SPLITS = ["iid", "names", "values", "statements", "questions", "distractors", "structure", "all"]
 
 
@@ -189,9 +182,9 @@ def sample_episodes(rng, cfg, n, split="train"):
     return out
 
 
-def beta_mean(model):
+def mean_beta(model):
     """Mean write strength over the last write pass (the regulariser's input)."""
-    vals = [m.last_beta for m in model.memories.values() if getattr(m, "last_beta", None) is not None]
+    vals = [m.mean_beta for m in model.memories.values() if getattr(m, "mean_beta", None) is not None]
     return torch.stack(vals).mean() if vals else None
 
 
@@ -223,7 +216,7 @@ def episode_loss(model, batch, cfg, device, general=None, sites=None, context=No
         _, shuffled = model(qx, qy)                                      # own, so the prior alone earns nothing
         model.set_memory_state(own)
         loss = loss + cfg["state_margin"] * F.softplus(1.0 - (shuffled - loss))
-    b = beta_mean(model)
+    b = mean_beta(model)
     if b is not None:
         loss = loss + cfg["beta_reg"] * (b - cfg["beta_target"]) ** 2
     if general is not None and cfg["general_reg"] > 0:
@@ -277,22 +270,14 @@ def train_one(kind, name, gpt, enc, cfg, device):
     opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0)
     start, history = 0, []
     if os.path.exists(path):
-        try:
-            ckpt = load_checkpoint(path, required=("memory", "mem_config", "backbone_hash"))
-        except ValueError as e:
-            raise UserError(str(e))
+        ckpt = load_checkpoint(path, required=MEMORY_ENTRIES)
         if ckpt["backbone_hash"] != model.backbone_hash or ckpt.get("train_config", {}).get("kind") != kind:
             raise UserError(f"{path} belongs to another backbone or model; delete it or use another --out_dir")
         saved = {**asdict(MemoryConfig()), **ckpt["mem_config"]}         # fields added since: their defaults
         if saved != asdict(model.mcfg):                                  # e.g. another --rank with the same out_dir
             raise UserError(f"{path} holds a memory with {ckpt['mem_config']}, not {asdict(model.mcfg)}: "
                             f"delete it, use the same options, or use another --out_dir")
-        try:
-            model.memories.load_state_dict(ckpt["memory"])
-            if "optimizer" in ckpt:
-                opt.load_state_dict(ckpt["optimizer"])
-        except (TypeError, ValueError, KeyError, RuntimeError) as e:    # other shapes, another optimizer
-            raise UserError(str(unfit(path, e)))
+        load_weights(path, ckpt, "memory", model.memories, opt)
         start, history = ckpt.get("iter_num", cfg["max_iters"]), ckpt.get("history", [])
         if start >= cfg["max_iters"]:
             print(f"[{name}] already trained ({path}, {start} iterations): reusing it")
@@ -306,61 +291,41 @@ def train_one(kind, name, gpt, enc, cfg, device):
                               cfg["val_episodes"], split="train")                   # same for every recipe
 
     def save(it):
-        model.save_memory(path, optimizer=opt.state_dict(), iter_num=it, history=history,
-                          train_config=dict(cfg, kind=kind))
+        save_memory(model, path, optimizer=opt.state_dict(), iter_num=it, history=history,
+                    train_config=dict(cfg, kind=kind))
 
     if cfg["diagnose"] and kind != "lora" and start == 0:                # the instruments at init
         print(f"[{name}] at init: {diagnosis_line(diagnose(model, enc, val_eps, device))}", flush=True)
-    t0 = t_last = time.time()
-    running = []
-    it = start
-    stop = train_backbone.GracefulStop(path)                             # Ctrl-C / kill: stop between iterations
-    try:
-        while it < cfg["max_iters"]:
-            stop.check()
-            rng = np.random.default_rng([cfg["seed"], it])                # batch depends only on it
-            eps = sample_episodes(rng, cfg, cfg["batch_size"])
-            batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, read_window_at(it, cfg))
-            if batch["qx"].size(-1) > gpt.config.block_size:
-                raise UserError(f"[{name}] a question of {batch['qx'].size(-1)} tokens (with --read_window="
-                                f"{cfg['read_window']}) does not fit the backbone's block_size="
-                                f"{gpt.config.block_size}: use a smaller --read_window or a larger backbone")
-            for g in opt.param_groups:
-                g["lr"] = train_backbone.lr_at(it, cfg)
-            model.train()
-            general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
-            sites = binding_sites(enc, eps, batch, gpt.config.block_size) if cfg["bind_reg"] > 0 else None
-            context = context_rows(enc, eps, gpt.config.block_size, pad) if cfg["context_reg"] > 0 else None
-            loss = episode_loss(step, batch, cfg, device, general, sites, context)
-            if not torch.isfinite(loss):
-                raise UserError(f"[{name}] loss became {loss.item()} at iteration {it}; the last good checkpoint "
-                                f"is {path}. Try a lower --learning_rate (now {cfg['learning_rate']})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-            opt.step()
-            running.append(loss.item())
-            it += 1
-            if it % cfg["log_interval"] == 0 or it == cfg["max_iters"]:
-                acc, abst = answer_accuracy(model, enc, val_eps, cfg, device)
-                dt = (time.time() - t_last) / len(running)
-                b = beta_mean(model)
-                diag = diagnose(model, enc, val_eps, device) if cfg["diagnose"] and kind != "lora" else {}
-                print(f"[{name}] iter {it:4d}/{cfg['max_iters']} | loss {np.mean(running):.3f} | val fact acc "
-                      f"{acc:.2f} abstention {abst:.2f} | β {b.item() if b is not None else 0:.3f} | "
-                      f"{1 / dt:.1f} steps/s | ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
-                if diag:
-                    print(f"[{name}]   {diagnosis_line(diag)}", flush=True)
-                history.append(dict(iter=it, train=float(np.mean(running)), val_acc=acc, val_abstention=abst,
-                                    diagnostics=diag))
-                running, t_last = [], time.time()
-                save(it)
-    except KeyboardInterrupt:
+
+    def loss_at(it):
+        rng = np.random.default_rng([cfg["seed"], it])                   # the batch depends only on it
+        eps = sample_episodes(rng, cfg, cfg["batch_size"])
+        batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, read_window_at(it, cfg))
+        if batch["qx"].size(-1) > gpt.config.block_size:
+            raise UserError(f"[{name}] a question of {batch['qx'].size(-1)} tokens (with --read_window="
+                            f"{cfg['read_window']}) does not fit the backbone's block_size="
+                            f"{gpt.config.block_size}: use a smaller --read_window or a larger backbone")
+        model.train()
+        general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
+        sites = binding_sites(enc, eps, batch, gpt.config.block_size) if cfg["bind_reg"] > 0 else None
+        context = context_rows(enc, eps, gpt.config.block_size, pad) if cfg["context_reg"] > 0 else None
+        return episode_loss(step, batch, cfg, device, general, sites, context)
+
+    def log(it, loss, lr, dt):
+        acc, abst = answer_accuracy(model, enc, val_eps, cfg, device)
+        b = mean_beta(model)
+        diag = diagnose(model, enc, val_eps, device) if cfg["diagnose"] and kind != "lora" else {}
+        print(f"[{name}] iter {it:4d}/{cfg['max_iters']} | loss {loss:.3f} | val fact acc {acc:.2f} abstention "
+              f"{abst:.2f} | β {b.item() if b is not None else 0:.3f} | {1 / dt:.1f} steps/s | "
+              f"ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
+        if diag:
+            print(f"[{name}]   {diagnosis_line(diag)}", flush=True)
+        history.append(dict(iter=it, train=loss, val_acc=acc, val_abstention=abst, diagnostics=diag))
         save(it)
-        print(f"\ninterrupted at iteration {it}: saved {path}. Re-run the same command to resume.", flush=True)
-        sys.exit(130)
-    finally:
-        stop.restore()
+
+    t0 = time.time()
+    it = fit(loss_at, params, opt, cfg, start, path, save, log, tag=f"[{name}] ",
+             resume_hint="Re-run the same command to resume.")
     save(it)
     print(f"[{name}] trained in {fmt_time(time.time() - t0)}; saved {path}")
     return model
@@ -844,19 +809,12 @@ def ensure_backbone(cfg):
               f"--preset={cfg['preset']})")
         train_backbone.train(parse_config(args, train_backbone.DEFAULTS, train_backbone.PRESETS))
     elif ours:                                                           # an interrupted pretraining resumes
-        try:
-            ckpt = load_checkpoint(path, required=("model", "config"))
-        except ValueError as e:
-            raise UserError(str(e))
+        ckpt = load_checkpoint(path, required=("model", "config"))
         done, total = ckpt.get("iter_num", 0), ckpt.get("train_config", {}).get("max_iters", 0)
         if done < total:
             print(f"{path} stopped at iteration {done} of {total}: resuming its pretraining first")
             train_backbone.train(parse_config(args + ["--resume"], train_backbone.DEFAULTS, train_backbone.PRESETS))
-    try:
-        gpt, ckpt = load_backbone(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(str(e))
-    return gpt, ckpt
+    return load_backbone(path)
 
 
 def check_config(cfg):
@@ -902,7 +860,7 @@ def main(argv=None):
     writable_dir(cfg["out_dir"])
     demo_in = demo_inputs(cfg) if cfg["demo"] else None                 # bad demo input fails before any loading
     from data.prepare import load_tokenizer
-    train_backbone.ensure_data(cfg["data_dir"])
+    ensure_data(cfg["data_dir"])
     enc = load_tokenizer(cfg["data_dir"])
     device = autodetect_device() if cfg["device"] == "auto" else cfg["device"]
     torch.manual_seed(cfg["seed"])
@@ -936,7 +894,7 @@ def eval_only(cfg, enc, gpt, device):
         raise UserError("--eval_only needs --memory=CKPT (and --episodes=FILE.jsonl, or the held-out splits "
                         "of --episode_preset)")
     try:
-        model, ckpt = DeltaMemGPT.load_memory(cfg["memory"], gpt)
+        model, ckpt = load_memory(cfg["memory"], gpt)
         episodes = {"file": tasks.load_jsonl(cfg["episodes"])} if cfg["episodes"] else None
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e))
@@ -1025,8 +983,8 @@ def demo_answers(enc, gpt, model, states, ep, questions, device, new_tokens=DEMO
 def demo(enc, gpt, device, ep, questions, path):
     """Write the sessions into the memory once, then answer each question three ways, side by side."""
     try:
-        model, _ = DeltaMemGPT.load_memory(path, gpt)
-    except (ValueError, FileNotFoundError) as e:
+        model, _ = load_memory(path, gpt)
+    except FileNotFoundError as e:
         raise UserError(str(e))
     model.to(device)
     states = demo_states(model, enc, ep, device)                         # the history, written once
@@ -1078,5 +1036,5 @@ def plot_results(results, path):
 
 
 if __name__ == "__main__":
-    train_backbone.run_cli(main, on_interrupt="\ninterrupted; trained memories are kept in --out_dir: "
+    run_cli(main, on_interrupt="\ninterrupted; trained memories are kept in --out_dir: "
                                              "re-run the same command to resume")  # e.g. during evaluation

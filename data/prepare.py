@@ -545,42 +545,25 @@ def prepare(corpus="pydoc", tokenizer="bpe", vocab_size=1024, task_share=0.9, ta
 # -----------------------------------------------------------------------------
 # command line: --key=value flags, nanoGPT style; a user's mistake is one line on stderr and exit code 2
 
+DEFAULTS = dict(corpus="pydoc", tokenizer="bpe", vocab_size=1024, task_share=0.9, task_docs=8000, force=False, out="")
+
+
 def parse_args(argv):
-    defaults = {"corpus": "pydoc", "tokenizer": "bpe", "vocab_size": 1024, "task_share": 0.9, "task_docs": 8000,
-                "force": False, "out": None}
-    kwargs = dict(defaults)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__.strip())
-            sys.exit(0)
-        if arg == "--force":
-            kwargs["force"] = True
-            continue
-        if not arg.startswith("--") or "=" not in arg:
-            raise DataError(f"unexpected argument {arg!r}: flags look like --key=value (see --help)")
-        key, value = arg[2:].split("=", 1)
-        if key not in defaults or key == "force":
-            raise DataError(f"unknown flag --{key}: use one of " + ", ".join("--" + k for k in defaults))
-        if key in ("vocab_size", "task_docs"):
-            try:
-                value = int(value)
-            except ValueError:
-                raise DataError(f"--{key}={value} is not an integer: e.g. --{key}={defaults[key]}") from None
-        elif key == "task_share":
-            try:
-                value = float(value)
-            except ValueError:
-                raise DataError(f"--task_share={value} is not a number: e.g. --task_share=0.3") from None
-        kwargs[key] = value
-    return kwargs
+    from train_backbone import parse_config                              # the project's one flag parser
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__.strip())
+        sys.exit(0)
+    kwargs = parse_config(argv, DEFAULTS)
+    return dict(kwargs, out=kwargs["out"] or None)
 
 
 def main(argv=None):
+    from train_backbone import UserError
     try:
         prepare(**parse_args(sys.argv[1:] if argv is None else argv))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (DataError, UserError) as e:                                  # run as a script, DataError is
+        print(f"error: {e}", file=sys.stderr)                            # __main__'s, not data.prepare's:
+        sys.exit(2)                                                      # so not train_backbone.run_cli
 
 
 if __name__ == "__main__":

@@ -617,6 +617,29 @@ def render_document(ep: Episode) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
+# --- Scoring: the one answer check of every evaluation ---
+# --------------------------------------------------------------------------------------------------------
+
+def normalize_answer(s: str) -> str:
+    return s.strip().strip(".!?,;:").strip().lower()
+
+
+def exact_match(pred: str, gold: str) -> bool:
+    """Equal after normalize_answer (case, surrounding blanks and final punctuation do not count)."""
+    return normalize_answer(pred) == normalize_answer(gold)
+
+
+def score(preds: list[str], gold: list[str], fams: list[str]) -> dict:
+    """{family: exact-match accuracy} of predictions against gold answers, and their mean under "macro"."""
+    per: dict = {}
+    for p, g, f in zip(preds, gold, fams):
+        per.setdefault(f, []).append(exact_match(p, g))
+    res = {f: float(np.mean(v)) for f, v in sorted(per.items())}
+    res["macro"] = float(np.mean(list(res.values()))) if res else 0.0
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------
 # --- Self-check parser: every answer re-derived from the rendered text alone ---
 # --------------------------------------------------------------------------------------------------------
 

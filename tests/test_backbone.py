@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import train_backbone as TB
-from nanodeltamem import GPT, GPTConfig, IGNORE_INDEX, load_backbone
+from nanodeltamem import GPT, GPTConfig, IGNORE_INDEX
+from train_backbone import load_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

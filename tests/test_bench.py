@@ -52,7 +52,7 @@ def test_quick_run_writes_the_required_keys_and_consistent_ratios(tmp_path):
     last = out["answer"][-1]
     assert last["T"] == max(r["T"] for r in out["answer"]) == out["answer_max_T"]
     assert out["answer_time_ratio_at_max_T"] == pytest.approx(last["full_context_ms"] / last["deltamem_ms"])
-    assert last["full_context_tokens"] == bench.BACKBONE["block_size"] - 2  # truncated, room for 2
+    assert last["full_context_tokens"] == out["backbone"]["block_size"] - 2  # truncated, room for 2
     d = out["decode"]
     assert out["decode_overhead"] == pytest.approx(d["with_memory_ms"] / d["bare_ms"])
     peaks = [t["memory_step_peak_mib"], t["backbone_step_peak_mib"], last["full_context_peak_mib"],
@@ -60,19 +60,20 @@ def test_quick_run_writes_the_required_keys_and_consistent_ratios(tmp_path):
     assert all(isinstance(p, float) and p > 0 for p in peaks)
 
 
-def test_presets_take_the_training_scripts_sizes_and_chunk(monkeypatch):
+def test_presets_take_the_training_scripts_sizes_and_chunk():
     import train_backbone
     import train_memory
-    monkeypatch.setattr(bench, "BACKBONE", dict(bench.BACKBONE))         # use_preset edits them: restore after
-    monkeypatch.setattr(bench, "MEMORY", None)
-    mem = bench.use_preset("gpu")
+    backbone, mem = bench.sizes("gpu")
     gpu = train_backbone.PRESETS["gpu"]
-    assert [bench.BACKBONE[k] for k in ("n_layer", "n_head", "n_embd", "block_size")] == \
+    assert [backbone[k] for k in ("n_layer", "n_head", "n_embd", "block_size")] == \
         [gpu["n_layer"], gpu["n_head"], gpu["n_embd"], gpu["block_size"]]
-    assert mem["chunk_size"] == train_memory.PRESETS["gpu"]["chunk_size"] == 64 and bench.MEMORY is mem
-    assert bench.use_preset("cpu")["chunk_size"] == train_memory.DEFAULTS["chunk_size"] == 8
-    assert bench.BACKBONE["n_embd"] == train_backbone.DEFAULTS["n_embd"]
+    assert mem["chunk_size"] == train_memory.PRESETS["gpu"]["chunk_size"] == 64
+    assert bench.sizes("cpu")[1]["chunk_size"] == train_memory.DEFAULTS["chunk_size"] == 8
+    assert bench.sizes("gpu", chunk_size=16)[1]["chunk_size"] == 16
+    assert bench.sizes("cpu")[0]["n_embd"] == train_backbone.DEFAULTS["n_embd"] == bench.CPU[0]["n_embd"]
     assert bench.parse(["--device=cuda"])["preset"] == "gpu" and bench.parse(["--device=cpu"])["preset"] == "cpu"
-    assert bench.parse(["--chunk_size=16"])["chunk_size"] == 16 and bench.parse([])["chunk_size"] == "preset"
-    with pytest.raises(SystemExit, match="--preset must be"):
+    assert bench.parse(["--chunk_size=16"])["chunk_size"] == 16 and bench.parse([])["chunk_size"] == 0
+    with pytest.raises(train_backbone.UserError, match="--preset must be"):
         bench.parse(["--preset=tpu"])
+    with pytest.raises(train_backbone.UserError, match="--T=.* is not a comma list"):
+        bench.parse(["--T=12,x"])

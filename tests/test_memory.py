@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from nanodeltamem import (GPT, GPTConfig, DeltaMemGPT, DeltaMemory, MemoryConfig, delta_rule_scan, weights_hash)
+from train_backbone import load_memory, save_memory
 
 
 def rand_inputs(B=2, H=2, T=37, dk=8, r=8, R=8, seed=0, dtype=torch.float32):
@@ -329,17 +330,17 @@ def test_memory_checkpoint_refuses_another_backbone(tmp_path):
     gpt = tiny_gpt(seed=0)
     model = DeltaMemGPT(gpt, MemoryConfig(key_dim=4, rank=2, heads=2))
     path = tmp_path / "mem.pt"
-    model.save_memory(path)
-    loaded, _ = DeltaMemGPT.load_memory(path, tiny_gpt(seed=0))
+    save_memory(model, path)
+    loaded, _ = load_memory(path, tiny_gpt(seed=0))
     assert loaded.mcfg == model.mcfg
     for (n1, p1), (n2, p2) in zip(model.memories.state_dict().items(), loaded.memories.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
     assert weights_hash(tiny_gpt(seed=0)) != weights_hash(tiny_gpt(seed=1))
     with pytest.raises(ValueError, match="trained on backbone"):
-        DeltaMemGPT.load_memory(path, tiny_gpt(seed=1))
+        load_memory(path, tiny_gpt(seed=1))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt"):
-        DeltaMemGPT.load_memory(tmp_path / "bad.pt", gpt)
+        load_memory(tmp_path / "bad.pt", gpt)
 
 
 @pytest.mark.parametrize("bad", [dict(key_dim=0), dict(rank=-1), dict(write="line"), dict(sides="k"),

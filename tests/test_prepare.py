@@ -320,8 +320,8 @@ def run_script(*args):
 
 @pytest.mark.parametrize("args,expect", [
     (["--corpus=no_such_corpus_or_file"], "unknown corpus"),
-    (["--vocab_size=abc"], "--vocab_size=abc is not an integer"),
-    (["--colour=blue"], "unknown flag --colour"),
+    (["--vocab_size=abc"], "--vocab_size expects a int, got 'abc'"),
+    (["--colour=blue"], "unknown option --colour"),
 ])
 def test_script_bad_input_is_one_line_exit_2(args, expect):
     r = run_script(*args)

@@ -15,7 +15,8 @@ import train_backbone as TB
 import train_memory as TM
 from data import tasks
 from data.tasks import Episode, Question
-from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, MemoryConfig, load_backbone, save_atomic
+from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, MemoryConfig
+from train_backbone import load_backbone, load_memory, save_atomic, save_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")        # tiny models: one thread is faster and the same in every process
@@ -169,7 +170,7 @@ def test_corrupt_memory_checkpoint_is_one_line(data_dir, backbone, tmp_path, dam
     out.mkdir()
     ckpt = out / "memory_deltamem.pt"
     gpt, _ = load_backbone(backbone)
-    DeltaMemGPT(gpt, MemoryConfig()).save_memory(str(ckpt), iter_num=1, train_config=dict(kind="deltamem"))
+    save_memory(DeltaMemGPT(gpt, MemoryConfig()), str(ckpt), iter_num=1, train_config=dict(kind="deltamem"))
     raw = ckpt.read_bytes()
     ckpt.write_bytes({"truncate": raw[:len(raw) // 2], "garbage": b"not a checkpoint",
                       "foreign": raw, "other_weights": raw}[damage])
@@ -185,7 +186,7 @@ def test_memory_checkpoint_of_other_options_is_refused(data_dir, backbone, tmp_p
     gpt, _ = load_backbone(backbone)
     cfg = TB.parse_config(memory_args(data_dir, backbone, tmp_path, "--rank=4", "--key_conv=1"), TM.DEFAULTS, TM.PRESETS)
     path = tmp_path / "memory_deltamem.pt"
-    TM.build("deltamem", gpt, cfg).save_memory(str(path), iter_num=3, train_config=dict(kind="deltamem"))
+    save_memory(TM.build("deltamem", gpt, cfg), str(path), iter_num=3, train_config=dict(kind="deltamem"))
     cfg8 = dict(cfg, rank=8)
     with pytest.raises(TB.UserError, match=r"memory_deltamem\.pt holds a memory with .*another --out_dir"):
         TM.train_one("deltamem", "deltamem", gpt, None, cfg8, "cpu")
@@ -227,7 +228,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(data_dir, 
     refusal = re.escape(f"{evil} holds objects that loading would have to run code for (") + r"(io|builtins)\.open\)"
     assert re.search(refusal, msg) and "delete it and train again" in msg
     with pytest.raises(ValueError, match="run code for"):
-        DeltaMemGPT.load_memory(evil, load_backbone(backbone)[0])
+        load_memory(evil, load_backbone(backbone)[0])
     assert not canary.exists()
     torch.load(evil, weights_only=False)                                 # the file really does run code
     assert canary.exists()
@@ -276,7 +277,7 @@ def test_cli_prints_one_line_for_a_backbone_entry_of_the_wrong_type(data_dir, tm
 def test_a_memory_checkpoint_with_wrong_entries_is_refused(backbone, tmp_path):
     gpt, _ = load_backbone(backbone)
     good = tmp_path / "good.pt"
-    DeltaMemGPT(gpt, MemoryConfig(rank=4)).save_memory(str(good))
+    save_memory(DeltaMemGPT(gpt, MemoryConfig(rank=4)), str(good))
     ckpt = torch.load(good, weights_only=True)
     cases = {"'backbone_hash' is int, expected str": dict(ckpt, backbone_hash=5),
              "'mem_config' is str, expected dict": dict(ckpt, mem_config="rank=4"),
@@ -285,7 +286,7 @@ def test_a_memory_checkpoint_with_wrong_entries_is_refused(backbone, tmp_path):
     for says, bad in cases.items():
         torch.save(bad, tmp_path / "bad.pt")
         with pytest.raises(ValueError) as e:
-            DeltaMemGPT.load_memory(tmp_path / "bad.pt", gpt)
+            load_memory(tmp_path / "bad.pt", gpt)
         assert str(e.value).startswith(str(tmp_path / "bad.pt")) and says in str(e.value) and "\n" not in str(e.value)
 
 
@@ -428,7 +429,7 @@ def test_an_answer_longer_than_the_block_is_refused(enc):
 def test_eval_only_on_hand_written_episodes(data_dir, backbone, tmp_path):
     gpt, _ = load_backbone(backbone)
     mem = tmp_path / "memory.pt"
-    DeltaMemGPT(gpt, MemoryConfig(rank=4)).save_memory(str(mem))
+    save_memory(DeltaMemGPT(gpt, MemoryConfig(rank=4)), str(mem))
     eps = tmp_path / "edge.jsonl"
     tasks.save_jsonl(eps, EDGE + [Episode([["a"]], [Question("Q " * 300, "a", "single_hop")])])  # question > block
     TM.main(memory_args(data_dir, backbone, tmp_path, "--eval_only", f"--memory={mem}", f"--episodes={eps}"))
@@ -448,7 +449,7 @@ def test_eval_only_on_hand_written_episodes(data_dir, backbone, tmp_path):
 def test_eval_only_without_a_file_scores_the_held_out_splits_of_the_preset(data_dir, backbone, tmp_path):
     gpt, _ = load_backbone(backbone)
     mem = tmp_path / "memory.pt"
-    DeltaMemGPT(gpt, MemoryConfig(rank=4)).save_memory(str(mem))
+    save_memory(DeltaMemGPT(gpt, MemoryConfig(rank=4)), str(mem))
     TM.main(memory_args(data_dir, backbone, tmp_path, "--eval_only", f"--memory={mem}", "--episode_preset=tiny"))
     res = json.loads((tmp_path / "results.json").read_text())
     assert list(res["per_split"]) == TM.EVAL_SPLITS                      # generated, not read from a file

@@ -8,6 +8,7 @@ import torch
 import train_memory as TM
 from data import tasks
 from nanodeltamem import GPT, GPTConfig, DeltaMemGPT
+from train_backbone import load_memory, save_memory
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_read_window_share_spreads_the_window_over_the_steps(share, want):
 
 
 def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path, fake_compile):
-    from nanodeltamem import load_checkpoint
+    from train_backbone import load_checkpoint
     cfg = dict(TM.DEFAULTS, out_dir=str(tmp_path), max_iters=2, batch_size=2, log_interval=2, val_episodes=2,
                warmup_iters=1, compile=True, general_reg=0)
     model = TM.train_one("deltamem", "deltamem", gpt, enc, cfg, "cpu")
@@ -134,7 +135,7 @@ def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path,
     saved = load_checkpoint(tmp_path / "memory_deltamem.pt")["memory"]
     assert not any("_orig_mod" in k for k in saved)
     assert saved.keys() == model.memories.state_dict().keys()
-    loaded, _ = DeltaMemGPT.load_memory(tmp_path / "memory_deltamem.pt", gpt)
+    loaded, _ = load_memory(tmp_path / "memory_deltamem.pt", gpt)
     for (n, a), (_, b) in zip(model.memories.state_dict().items(), loaded.memories.state_dict().items()):
         assert torch.equal(a, b), n                                      # the trained weights came back
 
@@ -224,7 +225,7 @@ def test_demo_bad_inputs_are_one_line_errors(enc, gpt, tmp_path):
     with pytest.raises(TM.UserError, match=r"memory_deltamem.pt not found: train one with `python train_memory.py`"):
         TM.demo_inputs(dict(cfg, demo=str(ok)))
     other = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=3, n_head=2, n_embd=32))
-    DeltaMemGPT(other, TM.memory_config(TM.DEFAULTS)).save_memory(str(tmp_path / "memory_deltamem.pt"))
+    save_memory(DeltaMemGPT(other, TM.memory_config(TM.DEFAULTS)), str(tmp_path / "memory_deltamem.pt"))
     ep, qs, path = TM.demo_inputs(dict(cfg, demo=str(ok)))
     with pytest.raises(TM.UserError, match="was trained on backbone") as e:   # a memory for another backbone
         TM.demo(enc, gpt, "cpu", ep, qs, path)
