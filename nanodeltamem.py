@@ -13,6 +13,22 @@ S (r x d_k, e.g. 8 x 8 numbers) that is written while the history streams past, 
 write only the error between what S already returns for a key and the new value. Later, with the
 history gone from the context, each token reads S with a query and turns the read into low-rank
 corrections of the attention query and output. Only the memory's few parameters are trained.
+
+Symbols, as the code names them:
+
+  B, T, C     batch, tokens, width of the backbone (n_embd);  H: memory heads (states per layer)
+  d_k, r      key size and value size (rank) of one state: S is (r, d_k)
+  q, k, v     the memory's query, key (both unit length) and value at a token: (d_k), (d_k), (r)
+  beta (β)    write strength per state row, in (0, 1): how much of the error v - S k is written
+  lambda (λ)  keep (decay) factor per row: S_t = λ_t S_{t-1} + ...; 1 - β for the paper's rule
+  read        S_{t-1} q_t, what a token reads (before its own write), turned into dq and do
+  dq, do      low-rank corrections added to the attention query and output (the sides, "qo")
+  W, L, Q     history windows per episode, tokens per window, questions per episode (batches)
+
+How it differs from FLA's naive reference (fla/ops/delta_rule/naive.py, naive_recurrent_gated_delta_rule):
+FLA stores Sᵀ (d_k x r), scales q by d_k^-0.5 and reads after writing (o_t = S_t q_t); here S is r x d_k,
+q is only normalised, and a token reads before it writes (read_t = S_{t-1} q_t), so that no token sees
+its own value: the same recurrence otherwise.
 """
 import hashlib
 import math
@@ -135,9 +151,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():                          # GPT-2: scale residual writes
             if name.endswith(("o_proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        with torch.no_grad():                                            # learned, but start as sinusoids:
-            self.wpe.weight.copy_(0.028 * sinusoids(cfg.block_size, cfg.n_embd))  # "look one token back" is
-                                                                         # then a linear map, quick to learn
+        # positions are learned but start as sinusoids, so "look one token back" is a linear map, quick to
+        # learn; 0.028 ≈ 0.02·√2 gives each entry the std of the token embeddings (a sinusoid's is 1/√2)
+        with torch.no_grad():
+            self.wpe.weight.copy_(0.028 * sinusoids(cfg.block_size, cfg.n_embd))  # (block_size, C)
 
     @staticmethod
     def _init_weights(m):
@@ -255,9 +272,8 @@ def delta_rule_recurrent(q, k, v, beta, state, decay=True, erase=True):
 def unit_lower_solve(A, rhs):
     """X = (I + A)⁻¹ rhs for strictly lower-triangular A (..., C, C): a batched triangular solve.
 
-    (A is nilpotent, so (I + A)⁻¹ = (I - A)(I + A²)(I + A⁴)... also works in log2(C) batched matmuls.
-    In one-off comparisons of the scan, forward + backward at T = 1024, the solve was ~8x faster on a CPU
-    at C = 8, and on an H200 faster at C = 64, the gpu preset's chunk; doubling won only at C = 16-32.)
+    (A is nilpotent, so (I + A)⁻¹ = (I - A)(I + A²)(I + A⁴)... would also do, in log2(C) matmuls;
+    dev/LOG.md has the timings that chose the solve.)
     """
     eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
     return torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
@@ -371,7 +387,7 @@ class MemoryConfig:
     key_dim: int = 8           # d_k: columns of S (key size)
     rank: int = 8              # r: rows of S = value size = readout size = correction rank
     heads: int = 1             # H independent states per layer (H > 1: multi-state write, MSW)
-    write: str = "token"       # token: one write per token (TSW) | segment: one per line (SSW)
+    write_unit: str = "token"  # token: one write per token (TSW) | segment: one per line (SSW)
     sides: str = "qo"          # which corrections: q (query), o (output) or qo (both)
     update: str = "delta"      # delta (keep 1-β, the paper) | gated (keep λ, a gate of its own) | deltanet (no
                                # decay) | hebbian (S += β v kᵀ: no erase, no decay)
@@ -385,7 +401,7 @@ class MemoryConfig:
     decay_bias: float = 6.0    # update=gated: b_λ at init, λ = sigmoid(6) ≈ 0.9975 kept per token
 
     def __post_init__(self):
-        choices = dict(write=("token", "segment"), sides=("q", "o", "qo"),
+        choices = dict(write_unit=("token", "segment"), sides=("q", "o", "qo"),
                        update=("delta", "gated", "deltanet", "hebbian"), gates=("rowwise", "scalar"), init=("paper", "zero"))
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -513,7 +529,7 @@ class DeltaMemory(nn.Module):
         scan = dict(chunk_size=cfg.chunk_size, **cfg.rule())
         if not write:                                                    # read only: S stays as is
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
-        elif cfg.write == "token":                                       # TSW: every token writes
+        elif cfg.write_unit == "token":                                       # TSW: every token writes
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
             k, v, beta, keep = self.write_terms(x, n_windows, real)     # padding: β = 0, keep 1, a no-op
             self.mean_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
@@ -640,7 +656,7 @@ class DeltaMemGPT(nn.Module):
         """forward(write=True, logits=False): the same states, for less work. Nothing of the history's own
         forward pass is used but the states, and no layer above the last memory writes, so the backbone
         stops at that layer's attention input: its attention, the layers above and the vocabulary head
-        are skipped (in the defaults, a quarter of the layers and the head; a test checks the states)."""
+        are skipped."""
         last = max(int(i) for i in self.memories)
         x = self.gpt.embed(idx)                                          # (N, L, C)
         for block, mem in zip(self.gpt.blocks[:last], mems):

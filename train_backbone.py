@@ -44,7 +44,7 @@ DEFAULTS = dict(
     eval_interval=250, eval_iters=8, log_interval=25, eval_episodes=100,
 )
 # every preset of every script in one table: what it changes in that script's defaults
-# (ablate.py takes the memory's column and then its own)
+# (dev/ablate.py takes the memory's column and then its own)
 PRESET_TABLE = {
     "cpu": dict(backbone=dict(), memory=dict(), ablate=dict()),             # the defaults
     # 2x the backbone's steps (binds better) and the recipe that binds there: no forgetting, 1500 steps
@@ -74,7 +74,7 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
 
 # ----------------------------------------------------------------------------------------------
 # shared by every script: the flag parser and its one-line errors, the training loop, checkpoints,
-# greedy answers. train_memory.py, ablate.py, bench.py and data/prepare.py import these (and only these)
+# greedy answers. train_memory.py, dev/ablate.py, bench.py and data/prepare.py import these (and only these)
 # ----------------------------------------------------------------------------------------------
 
 class UserError(ValueError):

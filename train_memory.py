@@ -41,6 +41,7 @@ DEFAULTS = dict(
     data_dir="data/pydoc",
     task="msqa",                  # msqa | recall | overwrites (recall, keys reassigned in later sessions) | mix
     episode_preset="small",       # size of the training/evaluation episodes (data/tasks.py presets)
+    n_pairs=0,                    # task=recall: stored pairs per episode (0: the episode preset's)
     # the memory (nanodeltamem.MemoryConfig)
     # (the recipe that binds, README "What makes a memory bind": a decay gate of its own, keys that see the
     # name, two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
@@ -123,7 +124,7 @@ def lora_rank_for(mcfg, d):
 
 def memory_config(cfg, **over):
     layers = None if cfg["layers"] == "all" else tuple(int(x) for x in str(cfg["layers"]).split(","))
-    kw = dict(key_dim=cfg["key_dim"], rank=cfg["rank"], heads=cfg["heads"], write=cfg["write"],
+    kw = dict(key_dim=cfg["key_dim"], rank=cfg["rank"], heads=cfg["heads"], write_unit=cfg["write"],
               sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
               gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"],
               key_conv=cfg["key_conv"], decay_bias=cfg["decay_bias"])
@@ -172,7 +173,7 @@ def sample_episodes(rng, cfg, n, split="train"):
     out = []
     for _ in range(n):
         task = cfg["task"] if cfg["task"] != "mix" else ("msqa" if rng.random() < 0.5 else "recall")
-        if task == "recall" and cfg.get("n_pairs"):                     # a fixed number of pairs (ablate.py)
+        if task == "recall" and cfg["n_pairs"]:                          # a fixed number of pairs
             out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))
             continue
         if task == "msqa" and cfg["dense_questions"]:                    # every stated fact asked once
@@ -899,7 +900,8 @@ def eval_only(cfg, enc, gpt, device):
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e))
     model.to(device)
-    name = condition_name(dict(cfg, **{k: v for k, v in asdict(model.mcfg).items() if k in cfg}))
+    saved = dict(asdict(model.mcfg), write=model.mcfg.write_unit)       # the flag --write is MemoryConfig.write_unit
+    name = condition_name(dict(cfg, **{k: v for k, v in saved.items() if k in cfg}))
     results, per_split, outcomes = evaluate(cfg, enc, gpt, {name: model}, device, episodes)
     write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]),
                   outcomes)

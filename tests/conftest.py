@@ -8,6 +8,32 @@ import tiktoken
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def tiny_gpt(seed=0, **sizes):
+    """The tests' one small random GPT: 2 layers, 2 heads, width 32, vocabulary 64, block 32 unless told."""
+    import torch
+    from nanodeltamem import GPT, GPTConfig
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32), **sizes}))
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    """A random 3-layer GPT over the byte encoding `enc` (memory layers 1 and 2, as the defaults)."""
+    return tiny_gpt(vocab_size=257, block_size=512, n_layer=3)
+
+
+def assert_close(name, actual, expected, atol=1e-8, rtol=1e-5):
+    """torch.allclose that, when it fails, names the tensor and prints the largest absolute difference."""
+    import torch
+    diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else float("nan")
+    assert actual.shape == expected.shape and torch.allclose(actual, expected, atol=atol, rtol=rtol), \
+        f"{name}: max |difference| {diff:.3g} (atol {atol}, rtol {rtol}), shapes {tuple(actual.shape)} {tuple(expected.shape)}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains a model or runs a script (python -m pytest -m 'not slow' skips them)")
+
+
 @pytest.fixture(scope="session")
 def enc():
     """A byte-level encoding (no merges): enough to check token bookkeeping, needs no prepared data."""

@@ -1,4 +1,4 @@
-"""ablate.py: cells are the cartesian product, the CSV resumes, every picture is a real PNG, the
+"""dev/ablate.py: cells are the cartesian product, the CSV resumes, every picture is a real PNG, the
 memory-at-work replay ends in the model's own state."""
 import json
 import os
@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import ablate as AB
+from dev import ablate as AB
 import train_memory as TM
 from data import tasks
+from conftest import assert_close
 from nanodeltamem import GPT, GPTConfig, DeltaMemGPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def gpt():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=257, block_size=256, n_layer=3, n_head=2, n_embd=32))  # memory layers 1,2
 
 
 def assert_png(path, min_bytes=5000):
@@ -73,14 +68,15 @@ def test_bad_cells_are_refused_before_any_work(args, msg):
         AB.make_cells(*AB.parse_args(args))
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_error_from_the_command_line():
-    r = subprocess.run([sys.executable, "ablate.py", "--key_dim=2,x"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "dev/ablate.py", "--key_dim=2,x"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "--key_dim expects a int" in lines[0], r.stderr
 
 
-def test_n_pairs_hook_fixes_the_number_of_stored_pairs():
+def test_n_pairs_fixes_the_number_of_stored_pairs():
     cfg = dict(TM.DEFAULTS, task="recall", episode_preset="small")
     eps = TM.sample_episodes(np.random.default_rng(0), dict(cfg, n_pairs=5), 4)
     assert all(len({f[1] for f in tasks.parse_facts(ep)}) == 5 for ep in eps)
@@ -88,6 +84,7 @@ def test_n_pairs_hook_fixes_the_number_of_stored_pairs():
     assert all(len({f[1] for f in tasks.parse_facts(ep)}) == 8 for ep in eps)
 
 
+@pytest.mark.slow
 def test_sweep_appends_one_row_per_cell_and_skips_finished_cells(enc, gpt, tmp_path, monkeypatch, capsys):
     csv_path = str(tmp_path / "ablate.csv")
     cells = AB.make_cells(*AB.parse_args(tiny_args(tmp_path, "--key_dim=2,4", "--rank=2")))
@@ -208,7 +205,7 @@ def test_memory_trace_replays_to_the_models_own_state(enc, gpt, tmp_path, over):
     H, r = model.mcfg.heads, model.mcfg.rank
     assert S.shape == (T, H, r, 4) and np.array(trace["beta"]).shape == (H * r, T)
     # the token-by-token replay (recurrent) ends where the model's chunkwise write pass ended
-    assert torch.allclose(S[-1], torch.tensor(trace["final_state"]), atol=1e-5)
+    assert_close("S[-1]", S[-1], torch.tensor(trace["final_state"]), atol=1e-5)
     lines = [l for s in ep.sessions for l in s]
     assert trace["fact_lines"] == [i for i, l in enumerate(lines) if ": " in l and l.endswith(".")
                                    and l.split(":")[0].removeprefix("- ") in {q.q.rstrip("?") for q in ep.questions}]

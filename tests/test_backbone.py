@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_backbone as TB
+from conftest import assert_close, tiny_gpt
 from nanodeltamem import GPT, GPTConfig, IGNORE_INDEX
 from train_backbone import load_backbone
 
@@ -15,10 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(**kw):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg))
+    return tiny_gpt(**{**dict(vocab_size=50, block_size=16, n_embd=16), **kw})
 
 
 def test_shapes_and_tied_head():
@@ -37,7 +35,7 @@ def test_causality_future_tokens_never_change_past_logits():
     y[:, 7:] = torch.randint(0, 50, (2, 5))
     a, _ = model(x)
     b, _ = model(y)
-    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert_close("a[:, :7]", a[:, :7], b[:, :7], atol=1e-6)
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
@@ -58,6 +56,7 @@ def test_loss_is_hand_computed_cross_entropy_and_respects_ignore_index():
     assert abs(model(x, t2)[1].item() - loss.item()) > 1e-6
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     model = tiny()
     x = torch.randint(0, 50, (4, 16))
@@ -91,6 +90,7 @@ def tiny_args(data_dir, out_dir, *extra):
             "--warmup_iters=2", "--eval_episodes=2", *extra]
 
 
+@pytest.mark.slow
 def test_save_load_identical_logits_and_resume_continues(data_dir, tmp_path, monkeypatch):
     cfg = lambda out, *extra: TB.parse_config(tiny_args(data_dir, out, "--max_iters=9", *extra), TB.DEFAULTS, TB.PRESETS)
     straight_path = TB.train(cfg(tmp_path / "straight"))
@@ -116,12 +116,13 @@ def test_save_load_identical_logits_and_resume_continues(data_dir, tmp_path, mon
     assert ck["iter_num"] == 9
     assert ck["optimizer"]["state"][0]["step"].item() == 9             # the optimizer state came along
     for (n, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
-        assert torch.allclose(a, b, atol=1e-6), n
+        assert_close(f"resumed weight {n}", a, b, atol=1e-6)
     # resuming with another architecture is refused
     with pytest.raises(TB.UserError, match="resume with the same options"):
         TB.train(cfg(tmp_path / "run", "--resume", "--n_embd=32"))
 
 
+@pytest.mark.slow
 def test_compiled_training_saves_unwrapped_checkpoint(data_dir, tmp_path, fake_compile):
     path = TB.train(TB.parse_config(tiny_args(data_dir, tmp_path, "--max_iters=3", "--compile=True"),
                                     TB.DEFAULTS, TB.PRESETS))
@@ -135,6 +136,7 @@ def test_compiled_training_saves_unwrapped_checkpoint(data_dir, tmp_path, fake_c
     assert torch.equal(model(x)[0], raw(x)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,msg", [
     (["--max_iters=5e3"], "expects a int"),
     (["--nonsense=1"], "unknown option --nonsense"),

@@ -36,6 +36,7 @@ def test_history_windows_pad_the_last_window_and_mask_it():
     assert mask.tolist() == [[[True] * 4, [True, False, False, False]]]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_required_keys_and_consistent_ratios(tmp_path):
     out_path = tmp_path / "bench.json"
     bench.main(["--quick", f"--out={out_path}"])

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_close, tiny_gpt
 from nanodeltamem import (GPT, GPTConfig, DeltaMemGPT, DeltaMemory, MemoryConfig, delta_rule_scan, weights_hash)
 from train_backbone import load_memory, save_memory
 
@@ -15,13 +16,6 @@ def rand_inputs(B=2, H=2, T=37, dk=8, r=8, R=8, seed=0, dtype=torch.float32):
     beta = torch.rand(B, H, T, R, generator=g)
     s0 = torch.randn(B, H, r, dk, generator=g)
     return [x.to(dtype).requires_grad_(True) for x in (q, k, v, beta, s0)]
-
-
-def tiny_gpt(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg))
 
 
 def test_recurrent_matches_hand_computed_update():
@@ -37,23 +31,24 @@ def test_recurrent_matches_hand_computed_update():
             b = beta[0, 0, t, row].item()
             err = v[0, 0, t, row].item() - sum(S_ref[row][j] * kt[j] for j in range(3))
             S_ref[row] = [(1 - b) * S_ref[row][j] + b * err * kt[j] for j in range(3)]
-    assert torch.allclose(S[0, 0], torch.tensor(S_ref, dtype=S.dtype), atol=1e-5)
+    assert_close("S[0, 0]", S[0, 0], torch.tensor(S_ref, dtype=S.dtype), atol=1e-5)
 
 
 @pytest.mark.parametrize("R", [8, 1], ids=["rowwise", "scalar"])
-@pytest.mark.parametrize("update", ["delta", "hebbian", "nodecay"])
+@pytest.mark.parametrize("update", ["delta", "hebbian", "deltanet"])
 @pytest.mark.parametrize("T,C", [(37, 8), (16, 16), (5, 8), (50, 4)])
 def test_chunkwise_equals_recurrent_with_gradients(R, update, T, C):
-    kw = dict(delta=dict(), hebbian=dict(decay=False, erase=False), nodecay=dict(decay=False))[update]
+    kw = dict(delta=dict(), hebbian=dict(decay=False, erase=False), deltanet=dict(decay=False))[update]
     xs = rand_inputs(T=T, R=R)
     r1, s1 = delta_rule_scan(*xs, **kw)
     r2, s2 = delta_rule_scan(*xs, chunk_size=C, **kw)
-    assert (r1 - r2).abs().max() < 1e-5 and (s1 - s2).abs().max() < 1e-5
+    assert_close("read (chunkwise vs recurrent)", r2, r1, atol=1e-5, rtol=0)
+    assert_close("final state (chunkwise vs recurrent)", s2, s1, atol=1e-5, rtol=0)
     w1, w2 = torch.randn_like(r1), torch.randn_like(s1)                # a generic loss of both outputs
     g1 = torch.autograd.grad((r1 * w1).sum() + (s1 * w2).sum(), xs)
     g2 = torch.autograd.grad((r2 * w1).sum() + (s2 * w2).sum(), xs)
     for name, a, b in zip(["q", "k", "v", "beta", "state"], g1, g2):
-        assert (a - b).abs().max() < 1e-4 * max(1.0, a.abs().max().item()), name
+        assert_close(f"gradient of {name} (chunkwise vs recurrent)", b, a, atol=1e-4 * max(1.0, a.abs().max().item()), rtol=0)
 
 
 @pytest.mark.parametrize("R", [8, 1], ids=["rowwise", "scalar"])
@@ -64,12 +59,13 @@ def test_chunkwise_equals_recurrent_with_a_decay_gate_of_its_own(R, T, C):
     lam = (0.5 + 0.5 * torch.rand(*xs[3].shape, generator=torch.Generator().manual_seed(3))).requires_grad_(True)
     r1, s1 = delta_rule_scan(*xs, decay=lam)
     r2, s2 = delta_rule_scan(*xs, chunk_size=C, decay=lam)
-    assert (r1 - r2).abs().max() < 1e-5 and (s1 - s2).abs().max() < 1e-5
+    assert_close("read (chunkwise vs recurrent)", r2, r1, atol=1e-5, rtol=0)
+    assert_close("final state (chunkwise vs recurrent)", s2, s1, atol=1e-5, rtol=0)
     w1, w2 = torch.randn_like(r1), torch.randn_like(s1)
     g1 = torch.autograd.grad((r1 * w1).sum() + (s1 * w2).sum(), xs + [lam])
     g2 = torch.autograd.grad((r2 * w1).sum() + (s2 * w2).sum(), xs + [lam])
     for name, a, b in zip(["q", "k", "v", "beta", "state", "lambda"], g1, g2):
-        assert (a - b).abs().max() < 1e-4 * max(1.0, a.abs().max().item()), name
+        assert_close(f"gradient of {name} (chunkwise vs recurrent)", b, a, atol=1e-4 * max(1.0, a.abs().max().item()), rtol=0)
 
 
 def test_a_decay_gate_of_its_own_by_hand_and_its_limits():
@@ -83,11 +79,11 @@ def test_a_decay_gate_of_its_own_by_hand_and_its_limits():
             b, a = beta[0, 0, t, row].item(), lam[0, 0, t, row].item()
             err = v[0, 0, t, row].item() - sum(S_ref[row][j] * kt[j] for j in range(3))
             S_ref[row] = [a * S_ref[row][j] + b * err * kt[j] for j in range(3)]
-    assert torch.allclose(S[0, 0], torch.tensor(S_ref, dtype=S.dtype), atol=1e-8)
+    assert_close("S[0, 0]", S[0, 0], torch.tensor(S_ref, dtype=S.dtype), atol=1e-8)
     ones = delta_rule_scan(q, k, v, beta, s0, decay=torch.ones_like(beta))
     coupled = delta_rule_scan(q, k, v, beta, s0, decay=1 - beta)
-    assert torch.allclose(ones[1], delta_rule_scan(q, k, v, beta, s0, decay=False)[1])   # λ = 1: deltanet
-    assert torch.allclose(coupled[1], delta_rule_scan(q, k, v, beta, s0)[1])             # λ = 1-β: the paper
+    assert_close("ones[1]", ones[1], delta_rule_scan(q, k, v, beta, s0, decay=False)[1])  # λ = 1: deltanet
+    assert_close("coupled[1]", coupled[1], delta_rule_scan(q, k, v, beta, s0)[1])        # λ = 1-β: the paper
 
 
 def test_gated_memory_keeps_what_its_own_gate_says():
@@ -98,13 +94,13 @@ def test_gated_memory_keeps_what_its_own_gate_says():
     h = torch.randn(2, 9, 16)
     real = (torch.arange(9) < 7).float().expand(2, 9).reshape(2, 1, 9, 1)
     k, v, beta, keep = mem.write_terms(h, 1, real)
-    assert torch.allclose(keep[..., :7, :], torch.sigmoid(torch.tensor(2.0)).expand_as(keep[..., :7, :]))
+    assert_close("keep[..., :7, :]", keep[..., :7, :], torch.sigmoid(torch.tensor(2.0)).expand_as(keep[..., :7, :]))
     assert torch.equal(keep[..., 7:, :], torch.ones_like(keep[..., 7:, :])) and (beta[..., 7:, :] == 0).all()
     with torch.no_grad():
         mem(h, write=True, mask=real.reshape(2, 9) > 0)
         q = mem.read_query(h)
         want = delta_rule_scan(q, k, v, beta, decay=keep)[1]
-    assert torch.allclose(mem.state, want, atol=1e-5)
+    assert_close("mem.state", mem.state, want, atol=1e-5)
     assert not torch.allclose(mem.state, delta_rule_scan(q, k, v, beta)[1], atol=1e-3)  # not the coupled rule
 
 
@@ -124,7 +120,7 @@ def test_delta_recalls_orthonormal_keys_exactly_hebbian_interferes_when_keys_ove
     # β = 1 without decay: each write replaces exactly what its key stores (classic delta rule)
     q, k, v = setup(keys, vals)
     _, S = delta_rule_scan(q, k, v, one, decay=False)
-    assert torch.allclose(keys @ S[0, 0].T, vals, atol=1e-5)            # every value recalled exactly
+    assert_close("keys @ S[0, 0].T", keys @ S[0, 0].T, vals, atol=1e-5)  # every value recalled exactly
     # overlapping keys: write key 0 -> value 0, then a key 0.6 k0 + 0.8 k1 -> value 1
     k_mix = torch.stack([keys[0], 0.6 * keys[0] + 0.8 * keys[1]])
     v_two = vals[:2]
@@ -132,12 +128,12 @@ def test_delta_recalls_orthonormal_keys_exactly_hebbian_interferes_when_keys_ove
     _, S_delta = delta_rule_scan(q, k, v, one[:, :, :2], decay=False)
     _, S_hebb = delta_rule_scan(q, k, v, one[:, :, :2], decay=False, erase=False)
     # the latest association is exact for delta, corrupted by the first write for hebbian
-    assert torch.allclose(S_delta[0, 0] @ k_mix[1], v_two[1], atol=1e-5)
+    assert_close("S_delta[0, 0] @ k_mix[1]", S_delta[0, 0] @ k_mix[1], v_two[1], atol=1e-5)
     assert (S_hebb[0, 0] @ k_mix[1] - v_two[1]).norm() > 0.3 * v_two[0].norm()
     # the paper's gate also decays: with β = 1 only the last write survives (why β must be learnt)
     q, k, v = setup(keys, vals)
     _, S_decay = delta_rule_scan(q, k, v, one)
-    assert torch.allclose(keys @ S_decay[0, 0].T, torch.cat([torch.zeros(dk - 1, r), vals[-1:]]), atol=1e-5)
+    assert_close("keys @ S_decay[0, 0].T", keys @ S_decay[0, 0].T, torch.cat([torch.zeros(dk - 1, r), vals[-1:]]), atol=1e-5)
 
 
 def test_fresh_memory_reproduces_backbone_exactly():
@@ -177,7 +173,7 @@ def test_backbone_bit_identical_and_only_memory_gets_gradients():
 def test_write_only_pass_gives_the_full_passes_states_and_gradients(layers, write):
     """logits=False stops the backbone at the last memory layer: the same states, the same gradients."""
     gpt = tiny_gpt(n_layer=4)
-    model = DeltaMemGPT(gpt, MemoryConfig(key_dim=4, rank=4, layers=layers, write=write, key_conv=2))
+    model = DeltaMemGPT(gpt, MemoryConfig(key_dim=4, rank=4, layers=layers, write_unit=write, key_conv=2))
     hist, qs = torch.randint(0, 64, (2, 3, 12)), torch.randint(0, 64, (2, 2, 8))
     mask = torch.ones(2, 3, 12, dtype=torch.bool)
     mask[0, 1, 7:] = False                                               # some padding
@@ -193,10 +189,10 @@ def test_write_only_pass_gives_the_full_passes_states_and_gradients(layers, writ
         runs.append((states, torch.autograd.grad(loss, params)))
     (s1, g1), (s2, g2) = runs
     assert len(s1) == len(model.memories)
-    for a, b in zip(s1, s2):
-        assert torch.allclose(a, b, atol=1e-6)
-    for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    for i, (a, b) in enumerate(zip(s1, s2)):
+        assert_close(f"state {i} (write-only pass vs full pass)", a, b, atol=1e-6)
+    for i, (a, b) in enumerate(zip(g1, g2)):
+        assert_close(f"gradient {i} (write-only pass vs full pass)", a, b, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("write", ["token", "segment"])
@@ -204,7 +200,7 @@ def test_an_episodes_state_does_not_depend_on_the_others_in_its_batch(write):
     """Windows are padded to the longest in the batch; padding must change nothing, also for a key that
     looks back (key_conv > 1): the same episode, written alone or next to a longer one, same state."""
     gpt = tiny_gpt()
-    model = DeltaMemGPT(gpt, MemoryConfig(write=write, chunk_size=4, key_conv=3))
+    model = DeltaMemGPT(gpt, MemoryConfig(write_unit=write, chunk_size=4, key_conv=3))
     with torch.no_grad():
         for mem in model.memories.values():
             mem.key_conv.normal_()
@@ -220,14 +216,14 @@ def test_an_episodes_state_does_not_depend_on_the_others_in_its_batch(write):
     seg = torch.where(mask, torch.cat([lines(16)] * 2), -1)
     model.reset_memory()
     model(batch, write=True, mask=mask, seg=seg, logits=False)
-    for a, b in zip(alone, model.memory_state()):
-        assert torch.allclose(a[0], b[0], atol=1e-5)
+    for i, (a, b) in enumerate(zip(alone, model.memory_state())):
+        assert_close(f"state {i} of the padded episode vs alone", a[0], b[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("write,key_conv", [("token", 1), ("segment", 1), ("token", 3), ("segment", 3)])
 def test_streaming_windows_in_two_calls_equals_one_call(write, key_conv):
     gpt = tiny_gpt()
-    model = DeltaMemGPT(gpt, MemoryConfig(write=write, chunk_size=4, key_conv=key_conv))
+    model = DeltaMemGPT(gpt, MemoryConfig(write_unit=write, chunk_size=4, key_conv=key_conv))
     with torch.no_grad():
         for mem in model.memories.values():                              # a convolution that matters
             if mem.key_conv is not None:
@@ -241,9 +237,9 @@ def test_streaming_windows_in_two_calls_equals_one_call(write, key_conv):
     a, _ = model(hist[:, :1], write=True, seg=seg[:, :1])
     b, _ = model(hist[:, 1:], write=True, seg=seg[:, 1:])
     for s1, s2 in zip(states_one, model.memory_state()):
-        assert torch.allclose(s1, s2, atol=1e-5)
+        assert_close("s1", s1, s2, atol=1e-5)
     both = torch.stack([a.view(2, 13, -1), b.view(2, 13, -1)], 1).flatten(0, 1)
-    assert torch.allclose(full, both, atol=1e-5)
+    assert_close("full", full, both, atol=1e-5)
 
 
 def test_key_conv_is_a_causal_convolution_of_the_key_projection():
@@ -255,7 +251,7 @@ def test_key_conv_is_a_causal_convolution_of_the_key_projection():
     x = torch.randn(2, T, d)
     a = mem.A_k(x)                                                       # (B, T, d_k)
     mean3 = torch.stack([a[:, max(0, t - 2):t + 1].sum(1) / 3 for t in range(T)], 1)
-    assert torch.allclose(mem.write_terms(x)[0][:, 0], F.normalize(torch.tanh(mean3), dim=-1), atol=1e-6)
+    assert_close("mem.write_terms(x)[0][:, 0]", mem.write_terms(x)[0][:, 0], F.normalize(torch.tanh(mean3), dim=-1), atol=1e-6)
     with torch.no_grad():
         mem.key_conv.normal_()
     a, w = mem.A_k(x), mem.key_conv
@@ -263,7 +259,7 @@ def test_key_conv_is_a_causal_convolution_of_the_key_projection():
         L = T // n_windows
         ref = torch.stack([sum(w[j] * a[:, t - j] for j in range(3) if t - j >= t // L * L) for t in range(T)], 1)
         k = mem.write_terms(x, n_windows)[0]
-        assert torch.allclose(k[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6), n_windows
+        assert_close(f"k[:, 0] {n_windows}", k[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
 
 
 def test_reads_leave_the_state_unchanged_and_padding_never_writes():
@@ -284,20 +280,20 @@ def test_reads_leave_the_state_unchanged_and_padding_never_writes():
 
 def test_segment_write_with_one_token_lines_equals_token_write():
     gpt = tiny_gpt()
-    tsw = DeltaMemGPT(gpt, MemoryConfig(write="token", init="zero"))
-    ssw = DeltaMemGPT(gpt, MemoryConfig(write="segment", init="zero"))
+    tsw = DeltaMemGPT(gpt, MemoryConfig(write_unit="token", init="zero"))
+    ssw = DeltaMemGPT(gpt, MemoryConfig(write_unit="segment", init="zero"))
     ssw.memories.load_state_dict(tsw.memories.state_dict())
     hist = torch.randint(0, 64, (2, 2, 9))
     tsw.reset_memory(), ssw.reset_memory()
     tsw(hist, write=True)
     ssw(hist, write=True, seg=torch.arange(9).expand(2, 2, 9))          # every token its own line
-    for a, b in zip(tsw.memory_state(), ssw.memory_state()):
-        assert torch.allclose(a, b, atol=1e-5)
+    for i, (a, b) in enumerate(zip(tsw.memory_state(), ssw.memory_state())):
+        assert_close(f"state {i} (token writes vs one-token lines)", a, b, atol=1e-5)
 
 
 def test_segment_write_pools_lines_and_reads_state_from_before_the_window():
     gpt = tiny_gpt()
-    model = DeltaMemGPT(gpt, MemoryConfig(write="segment", layers=(0,)))
+    model = DeltaMemGPT(gpt, MemoryConfig(write_unit="segment", layers=(0,)))
     mem = model.memories["0"]
     h = torch.randn(1, 6, 32)
     seg = torch.tensor([[0, 0, 1, 1, 1, -1]])                            # two lines and one pad
@@ -307,9 +303,9 @@ def test_segment_write_pools_lines_and_reads_state_from_before_the_window():
     pooled = torch.stack([h[0, :2].mean(0), h[0, 2:5].mean(0)])[None]  # (1, 2, d)
     k, v, beta, _ = mem.write_terms(pooled)
     _, S_ref = delta_rule_scan(k, k, v, beta, S0)                        # two writes, in order
-    assert torch.allclose(mem.state, S_ref, atol=1e-5)
+    assert_close("mem.state", mem.state, S_ref, atol=1e-5)
     q = F.normalize(torch.tanh(mem.A_q(h)), dim=-1)                      # (1, 6, d_k)
-    assert torch.allclose(dq[0], mem.scale * mem.B_q(q[0] @ S0[0, 0].T), atol=1e-5)
+    assert_close("dq[0]", dq[0], mem.scale * mem.B_q(q[0] @ S0[0, 0].T), atol=1e-5)
 
 
 def test_multi_state_heads_are_independent():
@@ -323,7 +319,7 @@ def test_multi_state_heads_are_independent():
     for hd in range(4):                                                 # each head = its own scan
         q_h = F.normalize(torch.tanh(mem.A_q(x).view(2, 11, 4, 4)[:, :, hd]), dim=-1)[:, None]
         _, S = delta_rule_scan(q_h, k[:, hd:hd + 1], v[:, hd:hd + 1], beta[:, hd:hd + 1])
-        assert torch.allclose(mem.state[:, hd:hd + 1], S, atol=1e-5)
+        assert_close("mem.state[:, hd:hd + 1]", mem.state[:, hd:hd + 1], S, atol=1e-5)
 
 
 def test_memory_checkpoint_refuses_another_backbone(tmp_path):
@@ -343,7 +339,7 @@ def test_memory_checkpoint_refuses_another_backbone(tmp_path):
         load_memory(tmp_path / "bad.pt", gpt)
 
 
-@pytest.mark.parametrize("bad", [dict(key_dim=0), dict(rank=-1), dict(write="line"), dict(sides="k"),
+@pytest.mark.parametrize("bad", [dict(key_dim=0), dict(rank=-1), dict(write_unit="line"), dict(sides="k"),
                                  dict(update="hebb"), dict(gates="col"), dict(chunk_size=0)])
 def test_bad_memory_config_is_refused_with_valid_values(bad):
     with pytest.raises(ValueError):
@@ -402,7 +398,7 @@ def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory):
         cache = {}
         steps = [model(idx[:, :6], cache=cache)[0][:, -1]]
         steps += [model(idx[:, t:t + 1], cache=cache)[0][:, -1] for t in range(6, 10)]
-    assert torch.allclose(torch.stack(steps, 1), full[:, 5:], atol=1e-5)
+    assert_close("torch.stack(steps, 1)", torch.stack(steps, 1), full[:, 5:], atol=1e-5)
     assert cache[0]["k"].size(2) == 10
     if with_memory:
         assert not torch.allclose(full, gpt(idx)[0], atol=1e-3)         # the memory did change the logits
@@ -502,6 +498,7 @@ def bind_toy(key_conv, steps, key_dim, V=64, d=128, N=2, B=32, seed=0):
     return (logits.argmax(-1) == y).float().mean().item()
 
 
+@pytest.mark.slow
 def test_memory_learns_to_bind_when_its_key_sees_the_name():
     """The memory alone can learn name -> value binding, if its key can see the name: with a 3-token key
     convolution it recalls the asked value, without one it cannot beat picking a stored value (1/N = 0.5).

@@ -318,6 +318,7 @@ def run_script(*args):
                           timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,expect", [
     (["--corpus=no_such_corpus_or_file"], "unknown corpus"),
     (["--vocab_size=abc"], "--vocab_size expects a int, got 'abc'"),

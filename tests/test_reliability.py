@@ -19,6 +19,7 @@ from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, MemoryConfig
 from train_backbone import load_backbone, load_memory, save_atomic, save_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow                      # every test here trains a backbone or runs a script
 ENV = dict(os.environ, OMP_NUM_THREADS="1")        # tiny models: one thread is faster and the same in every process
 
 

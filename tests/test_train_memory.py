@@ -11,12 +11,6 @@ from nanodeltamem import GPT, GPTConfig, DeltaMemGPT
 from train_backbone import load_memory, save_memory
 
 
-@pytest.fixture(scope="module")
-def gpt():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=257, block_size=512, n_layer=3, n_head=2, n_embd=32))  # memory layers 1,2
-
-
 def test_every_condition_gets_exactly_its_read_context(enc, gpt):
     cfg = dict(TM.DEFAULTS, budget=40)
     dm = DeltaMemGPT(gpt, TM.memory_config(cfg))
@@ -123,6 +117,7 @@ def test_read_window_share_spreads_the_window_over_the_steps(share, want):
     assert TM.read_window_at(0, dict(cfg, read_window=0)) == 0
 
 
+@pytest.mark.slow
 def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path, fake_compile):
     from train_backbone import load_checkpoint
     cfg = dict(TM.DEFAULTS, out_dir=str(tmp_path), max_iters=2, batch_size=2, log_interval=2, val_episodes=2,
@@ -188,6 +183,7 @@ def test_demo_sessions_parser_splits_sessions_and_questions():
     assert ep2.sessions == [["a"], ["b"]] and qs2 is None
 
 
+@pytest.mark.slow
 def test_demo_answers_match_the_evaluation_path(enc, gpt):
     """The demo's three answers are the ones run_condition gives (the evaluation path); a memory with
     zero corrections answers as the bare backbone, one with large B_o does not."""
@@ -241,7 +237,7 @@ def test_condition_names_say_the_variant():
 
 
 def test_every_preset_finds_its_backbone_where_train_backbone_writes_it():
-    import ablate
+    from dev import ablate
     import train_backbone as TB
     assert set(TM.PRESETS) == set(TB.PRESETS) == set(ablate.PRESETS)
     for name in TM.PRESETS:
@@ -253,6 +249,7 @@ def test_every_preset_finds_its_backbone_where_train_backbone_writes_it():
     assert TM.condition_name(long) == "deltamem_deltanet" and TM.memory_config(long).key_conv == 4
 
 
+@pytest.mark.slow
 def test_a_memory_starts_from_the_same_init_whatever_ran_before(enc, gpt, tmp_path):
     """The main job trains the backbone in the same process when it is missing: a memory trained then
     must equal one trained on the loaded backbone (and a baseline must not depend on the memory before it)."""

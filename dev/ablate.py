@@ -1,15 +1,15 @@
 """
 Ablations and pictures: change d_k or the rank, see what happens.
 
-    python ablate.py                                   # d_k x r grid (25 cells) -> out-ablate/ablate.csv + heatmap
-    python ablate.py --key_dim=2,4,8 --rank=8 --write=token,segment --update=delta,hebbian --max_iters=60
-    python ablate.py --capacity                        # recall accuracy vs stored pairs N, delta vs hebbian
-    python ablate.py --capacity --key_dim=4,8,16 --n_pairs=2,4,8,16,32
-    python ablate.py --state_capacity                  # the state alone, keys given, nothing trained (seconds)
-    python ablate.py --overwrites [--quick]            # keys reassigned in later sessions: 4 rules x 3 seeds
-    python ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
-    python ablate.py --results=out/results.json        # per-family bars of a train_memory.py evaluation
-    python ablate.py --plots                           # redraw the pictures from the CSVs, train nothing
+    python dev/ablate.py                                   # d_k x r grid (25 cells) -> out-ablate/ablate.csv + heatmap
+    python dev/ablate.py --key_dim=2,4,8 --rank=8 --write=token,segment --update=delta,hebbian --max_iters=60
+    python dev/ablate.py --capacity                        # recall accuracy vs stored pairs N, delta vs hebbian
+    python dev/ablate.py --capacity --key_dim=4,8,16 --n_pairs=2,4,8,16,32
+    python dev/ablate.py --state_capacity                  # the state alone, keys given, nothing trained (seconds)
+    python dev/ablate.py --overwrites [--quick]            # keys reassigned in later sessions: 4 rules x 3 seeds
+    python dev/ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
+    python dev/ablate.py --results=out/results.json        # per-family bars of a train_memory.py evaluation
+    python dev/ablate.py --plots                           # redraw the pictures from the CSVs, train nothing
 
 Comma lists on the swept flags (key_dim, rank, write, sides, update, key_conv, n_pairs) give their cartesian
 product; every cell trains one memory in <out_dir>/cells/<cell>/ (train_memory.train_one, so an
@@ -32,11 +32,15 @@ import time
 import numpy as np
 import torch
 
-import train_memory as TM
-from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, delta_rule_scan
+# run as `python dev/ablate.py`, sys.path[0] is dev/; put the repo root first so the project imports
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+import train_memory as TM  # noqa: E402
+from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, delta_rule_scan  # noqa: E402
 from train_backbone import (UserError, fmt_time, load_checkpoint, load_memory, parse_config, presets, run_cli,
-                            writable_dir)
-from data.tasks import exact_match
+                            writable_dir)  # noqa: E402
+from data.tasks import exact_match  # noqa: E402
 
 DEFAULTS = dict(
     TM.DEFAULTS,
@@ -45,7 +49,6 @@ DEFAULTS = dict(
     val_episodes=32,              # the training log's answer accuracy (cheaper than train_memory's 64)
     eval_episodes=16,             # held-out episodes per split, per cell
     splits="iid",                 # which held-out splits to score (train_memory.EVAL_SPLITS)
-    n_pairs=0,                    # recall pairs per episode (0: the episode preset's)
     msw_heads=4,                  # states per layer for write=msw
     capacity=False,               # the capacity sweep (task=recall, axis n_pairs) instead of the grid
     overwrites=False,             # the overwrite experiment (task=overwrites, axes update x seed)
@@ -320,7 +323,7 @@ def plot_capacity(rows, path, metric="em_recall"):
     plt = _plt()
     rows = [r for r in _rows(rows) if str(r.get("n_pairs", "0")) not in ("0", "")]
     if not rows:
-        raise UserError("no capacity rows (n_pairs > 0): run python ablate.py --capacity first")
+        raise UserError("no capacity rows (n_pairs > 0): run python dev/ablate.py --capacity first")
     rows = [dict(r, write=r.get("write") or "token") for r in rows]     # rows written before the write axis
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     writes = sorted({r["write"] for r in rows})
@@ -433,7 +436,7 @@ def plot_state_capacity(rows, path):
     plt = _plt()
     rows = _rows(rows)
     if not rows:
-        raise UserError("no state-capacity rows: run python ablate.py --state_capacity first")
+        raise UserError("no state-capacity rows: run python dev/ablate.py --state_capacity first")
     dks = sorted({int(r["key_dim"]) for r in rows})
     colors = dict(zip(dks, plt.cm.viridis(np.linspace(0, 0.9, len(dks)))))
     styles = {"delta": ":", "deltanet": "-", "hebbian": "--"}
@@ -507,7 +510,7 @@ def memory_trace(model, enc, ep, layer=-1):
     time, keeping every S_t. Returns a dict of plain lists (JSON-able) for plot_work.
     """
     from data import tasks
-    if model.mcfg.write != "token":
+    if model.mcfg.write_unit != "token":
         raise UserError("--work replays token writes (TSW/MSW); this memory writes once per segment (SSW)")
     names = list(model.memories)
     name = names[layer] if -len(names) <= layer < len(names) else None
