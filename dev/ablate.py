@@ -6,7 +6,7 @@ Ablations and pictures: change d_k or the rank, see what happens.
     python dev/ablate.py --capacity                        # recall accuracy vs stored pairs N, delta vs hebbian
     python dev/ablate.py --capacity --key_dim=4,8,16 --n_pairs=2,4,8,16,32
     python dev/ablate.py --state_capacity                  # the state alone, keys given, nothing trained (seconds)
-    python dev/ablate.py --overwrites [--quick]            # keys reassigned in later sessions: 4 rules x 3 seeds
+    python dev/ablate.py --overwrites [--quick]        # slots restated in later sessions: 4 rules x 3 seeds
     python dev/ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
     python dev/ablate.py --results=out/results.json        # per-family bars of a train_memory.py evaluation
     python dev/ablate.py --plots                           # redraw the pictures from the CSVs, train nothing
@@ -40,6 +40,7 @@ import train_memory as TM  # noqa: E402
 from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, delta_rule_scan  # noqa: E402
 from train_backbone import (UserError, fmt_time, load_checkpoint, load_memory, parse_config, presets, run_cli,
                             writable_dir)  # noqa: E402
+from data import tasks  # noqa: E402
 from data.tasks import exact_match  # noqa: E402
 
 DEFAULTS = dict(
@@ -72,14 +73,18 @@ GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the d
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])
 # the rules the overwrite experiment compares: the default, the paper's, no decay, no erase
 OVERWRITES = dict(update=["gated", "delta", "deltanet", "hebbian"], seed=[1337, 1, 2])
-OVERWRITE_DEFAULTS = {False: dict(task="overwrites", max_iters=200),  # ~10 CPU-minutes for the 12 cells
-                      True: dict(task="overwrites", max_iters=60, eval_episodes=8)}  # --quick
+# msqa, the main job's recipe and steps, scored on the update questions whose older values all sit in
+# earlier sessions (tasks.overwritten_later); --task=overwrites: the recall variant, which this backbone
+# cannot read even with the history in context (README, "Where the delta rule wins")
+OVERWRITE_DEFAULTS = {False: dict(task="msqa", max_iters=400, eval_episodes=64),
+                      True: dict(task="msqa", max_iters=60, eval_episodes=16)}  # --quick: one seed
 WRITES = {"token": "token", "tsw": "token", "segment": "segment", "ssw": "segment", "msw": "msw"}
 FAMILIES = ["single_hop", "multi_hop", "update", "temporal", "abstention", "recall", "forgetting", "two_hop"]
 COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key_conv", "n_pairs", "task",
             "episode_preset", "max_iters", "batch_size", "learning_rate", "seed", "backbone", "eval_episodes", "splits",
             "macro_em", "acc"] + [f"em_{f}" for f in FAMILIES] +
-           ["n_questions", "train_seconds", "eval_seconds", "machine", "fact_em", "stale_rate"])
+           ["n_questions", "train_seconds", "eval_seconds", "machine", "fact_em", "stale_rate", "updated_em",
+            "updated_stale", "n_updated"])
 NOT_TRAINING = {"out_dir", "device", "log_interval", "val_episodes", "eval_episodes", "splits", "budget",
                 "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results",
                 "state_capacity", "state_passes", "state_beta", "state_episodes", "diagnose", "overwrites", "quick"}
@@ -218,8 +223,12 @@ def eval_cell(cfg, enc, gpt, model, device):
     res = TM.score_condition(preds, episodes)
     gold = [q.a for ep in episodes for q in ep.questions]
     acc = float(np.mean([exact_match(p, g) for p, g in zip(preds, gold)]))
+    later = [(p, q) for p, (ep, q) in zip(preds, [(ep, q) for ep in episodes for q in ep.questions])
+             if tasks.overwritten_later(ep, q)]                          # the slots only an erase can answer
+    upd = TM.score_condition([p for p, _ in later], [tasks.Episode([], [q for _, q in later])]) if later else {}
     return dict(fact_em=res["fact_em"], macro_em=res["macro_em"], acc=acc, n_questions=res["n_questions"],
-                stale_rate=res["stale_rate"], **{f"em_{f}": v for f, v in res["per_family"].items()})
+                stale_rate=res["stale_rate"], updated_em=upd.get("macro_em"), updated_stale=upd.get("stale_rate"),
+                n_updated=len(later), **{f"em_{f}": v for f, v in res["per_family"].items()})
 
 
 def sweep(cells, enc, gpt, device, csv_path):
@@ -596,10 +605,10 @@ def overwrite_summary(rows, path):
     out = {}
     rows = sorted(_rows(rows), key=lambda r: int(r["seed"]))
     for rule in OVERWRITES["update"]:
-        mine = [r for r in rows if r["update"] == rule and r["task"] == "overwrites"]
+        mine = [r for r in rows if r["update"] == rule]
         if mine:
-            out[rule] = dict(updated_em=[float(r["em_forgetting"]) for r in mine],
-                             stale_rate=[float(r["stale_rate"]) for r in mine], seeds=[int(r["seed"]) for r in mine])
+            out[rule] = dict(updated_em=[float(r["updated_em"]) for r in mine],
+                             stale_rate=[float(r["updated_stale"]) for r in mine], seeds=[int(r["seed"]) for r in mine])
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
     os.replace(path + ".tmp", path)

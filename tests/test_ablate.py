@@ -286,7 +286,7 @@ def test_state_capacity_plot_from_a_fixed_csv(tmp_path):
 
 
 def test_overwrite_summary_schema_and_plot_from_fixed_rows(tmp_path):
-    rows = [dict(cell=f"c{u}{s}", task="overwrites", update=u, seed=str(s), em_forgetting=str(em), stale_rate=str(st))
+    rows = [dict(cell=f"c{u}{s}", task="msqa", update=u, seed=str(s), updated_em=str(em), updated_stale=str(st))
             for u, em, st in [("gated", 0.8, 0.1), ("delta", 0.6, 0.2), ("deltanet", 0.7, 0.1), ("hebbian", 0.3, 0.6)]
             for s in (2, 1337, 1)]
     out = AB.overwrite_summary(rows, str(tmp_path / "overwrites.json"))
