@@ -408,11 +408,13 @@ class MemoryConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
         for name in ("key_dim", "rank", "heads", "key_conv"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: use a whole number >= 1")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+            raise ValueError(f"chunk_size={self.chunk_size!r} is out of range: use a whole number >= 1 (or None)")
         if self.layers is not None:
             self.layers = tuple(self.layers)
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers={','.join(map(str, self.layers))} repeats a layer: give each one once")
 
     def rule(self):
         """The scan's switches for `update`: delta decays (1-β) and erases, gated decays by its own gate
@@ -608,7 +610,8 @@ class DeltaMemGPT(nn.Module):
                 raise ValueError(f"layer {i} does not exist; the backbone has layers 0..{gpt.config.n_layer - 1}")
         d = gpt.config.n_embd
         if mcfg.heads * mcfg.rank > d:
-            raise ValueError(f"heads x rank = {mcfg.heads * mcfg.rank} exceeds the model width {d}")
+            raise ValueError(f"heads x rank = {mcfg.heads * mcfg.rank} exceeds the model width {d}: "
+                             f"use 1..{d // mcfg.heads} for the rank")
         self.memories = nn.ModuleDict({str(i): DeltaMemory(d, mcfg) for i in layers})
         if mcfg.init == "paper":
             for i, mem in self.memories.items():

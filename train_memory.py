@@ -131,8 +131,8 @@ def memory_config(cfg, **over):
     kw.update(over)
     try:
         return MemoryConfig(**kw)
-    except ValueError as e:
-        raise UserError(f"--{e}")                                       # its messages start with the field's name
+    except ValueError as e:                                              # its messages start with the field's
+        raise UserError("--" + str(e).replace("write_unit=", "write=", 1)) from None  # name (the flag's)
 
 
 def condition_name(cfg):
@@ -827,8 +827,7 @@ def check_config(cfg):
         raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
                         f"{', '.join(tasks.PRESETS)}")
     whole = lambda lo: (lambda v: v >= lo, f"a whole number >= {lo}")
-    check_ranges(cfg, dict(key_dim=whole(1), rank=whole(1), heads=whole(1), chunk_size=whole(1),
-        key_conv=whole(1), budget=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
+    check_ranges(cfg, dict(budget=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
         min_lr=(lambda v: 0 <= v <= cfg["learning_rate"], "a number in [0, --learning_rate]"),
         grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"), alpha=(lambda v: v > 0, "a number > 0, e.g. 16"),
         beta_target=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),
@@ -841,18 +840,16 @@ def check_config(cfg):
     for base in [b for b in cfg["baselines"].split(",") if b]:
         if base not in ("lora", "hebbian"):
             raise UserError(f"--baselines: unknown baseline {base!r}; choose from lora, hebbian (or an empty list)")
-    memory_config(cfg)                                                   # write, sides, update, gates, init
+    memory_config(cfg)                            # MemoryConfig checks the memory's own flags (sizes, choices)
 
 
 def check_fits(cfg, gpt):
-    """The memory flags that depend on the backbone: rank within the width, layers that exist."""
-    d, n = gpt.config.n_embd, gpt.config.n_layer
-    if cfg["rank"] > d:
-        raise UserError(f"--rank={cfg['rank']} is larger than the backbone's width {d}: use 1..{d}")
-    layers = memory_config(cfg).layers or ()
-    if any(i >= n for i in layers) or len(set(layers)) != len(layers):
-        raise UserError(f"--layers={cfg['layers']}: the backbone has layers 0..{n - 1}; use all or distinct "
-                        f"indices among them")
+    """The memory flags that depend on the backbone (layers that exist, heads x rank within the width):
+    DeltaMemGPT checks them; here its error becomes the one-line message."""
+    try:
+        DeltaMemGPT(gpt, memory_config(cfg))
+    except ValueError as e:
+        raise UserError(f"--layers={cfg['layers']} --heads={cfg['heads']} --rank={cfg['rank']}: {e}") from None
 
 
 def main(argv=None):

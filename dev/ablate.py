@@ -720,10 +720,8 @@ def main(argv=None):
         return draw_all(cfg, csv_path)
     cells = make_cells(cfg, axes)
     enc, gpt, device = setup(cfg)
-    d = gpt.config.n_embd
     for c in cells:
-        if c["heads"] * c["rank"] > d:
-            raise UserError(f"cell {c['cell']}: heads x rank = {c['heads'] * c['rank']} exceeds the model width {d}")
+        TM.check_fits(c, gpt)                                            # layers and heads x rank fit the backbone
     if cfg["work"]:
         return work(cfg, cells, enc, gpt, device)
     sweep(cells, enc, gpt, device, csv_path)
