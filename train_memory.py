@@ -63,7 +63,8 @@ DEFAULTS = dict(
     # evaluation
     baselines="lora,hebbian",     # which trained baselines to train and compare ("" for none)
     eval_episodes=24,             # held-out episodes per split (iid and every held-out axis)
-    budget=64,                    # the non-zero read budget (history tokens in context)
+    eval_read_window=64,          # the evaluation's non-zero read window: the last history tokens in context
+                                  # (the _w64 conditions; --read_window is the same quantity in training)
     eval_only=False, memory="", episodes="",
     demo="",                      # a sessions text file (or - for stdin): answers with and without memory
 )
@@ -609,7 +610,7 @@ def score_condition(preds, episodes):
 
 def conditions(cfg, enc, gpt, memories):
     """name -> (context function, model or None). memories: {name: trained model}."""
-    W = cfg["budget"]
+    W = cfg["eval_read_window"]
     none = lambda ep, q: []
     full = lambda ep, q: enc.encode_ordinary(tasks.render_history(ep))
     recent = lambda ep, q: tasks.recent_tokens(enc, ep, W)
@@ -753,7 +754,7 @@ def ratios(results, dm_name, budget, outcomes=None):
 
 def write_results(cfg, results, per_split, general, dm_name, extra=None, outcomes=None):
     out = dict(conditions=results, per_split=per_split, general_val_loss=general,
-               ratios=ratios(results, dm_name, cfg["budget"], outcomes), config=cfg, **(extra or {}))
+               ratios=ratios(results, dm_name, cfg["eval_read_window"], outcomes), config=cfg, **(extra or {}))
     path = os.path.join(cfg["out_dir"], "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
@@ -773,7 +774,7 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
         md += f"- δ-mem (0 history tokens) / full context: {x(r['vs_full_context'])}{ci('vs_full_context')}\n"
     if r.get("full_context_with_memory_vs_without") is not None:
         md += f"- full context with δ-mem attached / without: {x(r['full_context_with_memory_vs_without'])}\n"
-    W = cfg["budget"]
+    W = cfg["eval_read_window"]
     if f"vs_best_non_deltamem_at_{W}" in r:
         md += (f"- δ-mem / best non-δ-mem at {W} history tokens ({r[f'best_non_deltamem_at_{W}']}): "
                f"{x(r[f'vs_best_non_deltamem_at_{W}'])}{ci(f'vs_best_non_deltamem_at_{W}')}\n")
@@ -827,7 +828,7 @@ def check_config(cfg):
         raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
                         f"{', '.join(tasks.PRESETS)}")
     whole = lambda lo: (lambda v: v >= lo, f"a whole number >= {lo}")
-    check_ranges(cfg, dict(budget=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
+    check_ranges(cfg, dict(eval_read_window=whole(1), val_episodes=whole(1), warmup_iters=whole(0), read_window=whole(0),
         min_lr=(lambda v: 0 <= v <= cfg["learning_rate"], "a number in [0, --learning_rate]"),
         grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"), alpha=(lambda v: v > 0, "a number > 0, e.g. 16"),
         beta_target=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),

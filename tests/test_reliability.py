@@ -52,7 +52,7 @@ def backbone_args(data_dir, out_dir, *extra):
 def memory_args(data_dir, backbone, out_dir, *extra):
     return [f"--data_dir={data_dir}", f"--backbone={backbone}", f"--out_dir={out_dir}", "--episode_preset=tiny",
             "--batch_size=2", "--max_iters=30", "--log_interval=2", "--val_episodes=2", "--eval_episodes=1",
-            "--baselines=", "--budget=16", "--device=cpu", "--layers=all", *extra]  # a 1-layer backbone
+            "--baselines=", "--eval_read_window=16", "--device=cpu", "--layers=all", *extra]  # a 1-layer backbone
 
 
 def start_and_stop(script, args, sig, ready, times=1):
@@ -294,7 +294,7 @@ def test_a_memory_checkpoint_with_wrong_entries_is_refused(backbone, tmp_path):
 @pytest.mark.parametrize("flag,valid", [
     ("--key_dim=0", "a whole number >= 1"), ("--rank=-2", "a whole number >= 1"), ("--heads=0", ">= 1"),
     ("--chunk_size=-1", "whole number >= 1"), ("--chunk_size=0", "whole number >= 1"), ("--max_iters=-5", "must be > 0"),
-    ("--batch_size=0", "must be > 0"), ("--learning_rate=0", "must be > 0"), ("--budget=0", ">= 1"),
+    ("--batch_size=0", "must be > 0"), ("--learning_rate=0", "must be > 0"), ("--eval_read_window=0", ">= 1"),
     ("--key_conv=0", "whole number >= 1"),
     ("--eval_episodes=0", "must be > 0"), ("--min_lr=1", "[0, --learning_rate]"),
     ("--beta_target=2", "[0, 1]"), ("--write=line", "token, segment"), ("--sides=k", "q, o, qo"),

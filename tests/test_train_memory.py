@@ -12,7 +12,7 @@ from train_backbone import load_memory, save_memory
 
 
 def test_every_condition_gets_exactly_its_read_context(enc, gpt):
-    cfg = dict(TM.DEFAULTS, budget=40)
+    cfg = dict(TM.DEFAULTS, eval_read_window=40)
     dm = DeltaMemGPT(gpt, TM.memory_config(cfg))
     conds = TM.conditions(cfg, enc, gpt, {"deltamem": dm})
     ep = tasks.make_episodes(1, seed=11, preset="small")[0]
