@@ -3,8 +3,8 @@ Ablations and pictures: change d_k or the rank, see what happens.
 
     python dev/ablate.py                                   # d_k x r grid (25 cells) -> out-ablate/ablate.csv + heatmap
     python dev/ablate.py --key_dim=2,4,8 --rank=8 --write=token,segment --update=delta,hebbian --max_iters=60
-    python dev/ablate.py --capacity                        # recall accuracy vs stored pairs N, delta vs hebbian
-    python dev/ablate.py --capacity --key_dim=4,8,16 --n_pairs=2,4,8,16,32
+    python dev/ablate.py --capacity                        # recall EM vs stored pairs N: gated vs hebbian, d_k 4, 8, 16
+    python dev/ablate.py --capacity --key_dim=8 --n_pairs=1,2,4,8,16 --max_iters=200   # one d_k, ~10 CPU-minutes
     python dev/ablate.py --state_capacity                  # the state alone, keys given, nothing trained (seconds)
     python dev/ablate.py --overwrites [--quick]        # slots restated in later sessions: 4 rules x 3 seeds
     python dev/ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
@@ -70,7 +70,7 @@ ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0,
                "dense_questions": False, "context_reg": 0.0}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs", "seed")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
-CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[2, 4, 8, 16, 32], update=["delta", "hebbian"])
+CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[1, 2, 4, 8, 12, 16], update=["gated", "hebbian"])  # trained, recall
 # the rules the overwrite experiment compares: the default, the paper's, no decay, no erase
 OVERWRITES = dict(update=["gated", "delta", "deltanet", "hebbian"], seed=[1337, 1, 2])
 # msqa, the main job's recipe and steps, scored on the update questions whose older values all sit in
@@ -327,7 +327,7 @@ def knee(ns, accs, frac=0.5):
 
 def plot_capacity(rows, path, metric="em_recall"):
     """Recall accuracy against stored pairs N: one colour per d_k (and write mode, key_conv, when several
-    were swept), solid delta, dash-dotted deltanet, dashed hebbian; o = knee. Dotted: 1/N, what a memory
+    were swept), solid gated, dash-dot-dotted delta, dash-dotted deltanet, dashed hebbian; o = knee. Dotted: 1/N, what a memory
     that returns *a* stored value, not the asked one's, scores. Returns the curves' labels."""
     plt = _plt()
     rows = [r for r in _rows(rows) if str(r.get("n_pairs", "0")) not in ("0", "")]
@@ -340,7 +340,7 @@ def plot_capacity(rows, path, metric="em_recall"):
     groups = sorted({(int(r["key_dim"]), r["write"], kc(r)) for r in rows})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
     for (dk, write, conv), color in zip(groups, colors):
-        for update, style in (("delta", "-"), ("deltanet", "-."), ("hebbian", "--")):
+        for update, style in (("gated", "-"), ("delta", (0, (5, 1, 1, 1))), ("deltanet", "-."), ("hebbian", "--")):
             pts = {int(r["n_pairs"]): float(r[metric] if r.get(metric, "") != "" else r["acc"]) for r in rows
                    if (int(r["key_dim"]), r["write"], kc(r), r["update"]) == (dk, write, conv, update)}
             if not pts:
@@ -348,7 +348,7 @@ def plot_capacity(rows, path, metric="em_recall"):
             ns = sorted(pts)
             label = (f"d_k={dk} {write + ' ' if len(writes) > 1 else ''}{update}"
                      f"{f' key_conv={conv}' if conv > 1 else ''}")
-            ax.plot(ns, [pts[n] for n in ns], style, marker=".", color=color, label=label)
+            ax.plot(ns, [pts[n] for n in ns], linestyle=style, marker=".", color=color, label=label)
             k = knee(ns, [pts[n] for n in ns])
             if k is not None:
                 ax.plot([k], [pts[k]], "o", ms=11, mfc="none", mec=color, mew=1.5)

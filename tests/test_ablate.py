@@ -42,8 +42,8 @@ def test_cells_are_the_cartesian_product_of_the_comma_lists():
     assert sorted((c["key_dim"], c["rank"]) for c in grid) == sorted(
         (d, r) for d in (2, 4, 8, 16, 32) for r in (1, 2, 4, 8, 16))
     cap = AB.make_cells(*AB.parse_args(["--capacity"]))
-    assert len(cap) == 3 * 5 * 2 and {c["task"] for c in cap} == {"recall"}
-    assert {c["n_pairs"] for c in cap} == {2, 4, 8, 16, 32}
+    assert len(cap) == 3 * 6 * 2 and {c["task"] for c in cap} == {"recall"}
+    assert {c["n_pairs"] for c in cap} == {1, 2, 4, 8, 12, 16} and {c["update"] for c in cap} == {"gated", "hebbian"}
     # another training setting is another cell; an evaluation setting is not
     a = AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8"]))[0]["cell"]
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--learning_rate=0.5"]))[0]["cell"] != a
