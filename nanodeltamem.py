@@ -531,7 +531,7 @@ class DeltaMemory(nn.Module):
         scan = dict(chunk_size=cfg.chunk_size, **cfg.rule())
         if not write:                                                    # read only: S stays as is
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
-        elif cfg.write_unit == "token":                                       # TSW: every token writes
+        elif cfg.write_unit == "token":                                  # TSW: every token writes
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
             k, v, beta, keep = self.write_terms(x, n_windows, real)     # padding: β = 0, keep 1, a no-op
             self.mean_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
