@@ -81,9 +81,9 @@ class UserError(ValueError):
     """A mistake the user can fix: printed as one line, never a stack trace (run_cli)."""
 
 
-def parse_config(argv, defaults, presets=None):
+def parse_config(argv, defaults, column=None):
     """defaults <- preset <- --key=value, each value checked against the default's type.
-    presets: {name: overrides}, one script's column of PRESET_TABLE (None: the script has no presets)."""
+    column: {preset: overrides}, one script's column of PRESET_TABLE (None: the script has no presets)."""
     overrides = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -93,12 +93,12 @@ def parse_config(argv, defaults, presets=None):
             raise UserError(f"unknown option --{key}; valid options: {', '.join('--' + k for k in defaults)}")
         overrides[key] = convert(key, val if eq else "true", defaults[key])
     cfg = dict(defaults)
-    if presets is None:
+    if column is None:
         return dict(cfg, **overrides)
     preset = overrides.get("preset", cfg["preset"])
-    if preset not in presets:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    cfg.update(presets[preset])
+    if preset not in column:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(column)}")
+    cfg.update(column[preset])
     cfg.update(overrides)
     return cfg
 
