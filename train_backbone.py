@@ -438,6 +438,19 @@ def binding_exact_match(model, enc, pairs=(1, 2, 4, 8), n_episodes=40, device="c
     return out
 
 
+def shared_exact_match(model, enc, ns=None, n_episodes=40, device="cpu", seed=4322):
+    """Does the backbone read its context by the person? Exact match with the history in context on
+    msqa episodes where N people share one attribute (tasks.make_shared): the attribute alone gives 1/N.
+    Returns {N: (fact EM, abstention on a person never mentioned)}."""
+    from data import tasks
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in ns or tasks.SHARED_N:
+        res = context_exact_match(model, enc, [tasks.make_shared(rng, n) for _ in range(n_episodes)], True, device)
+        out[n] = (res["single_hop"], res["abstention"])
+    return out
+
+
 def probe_accuracy(features, labels, train_share=2 / 3, ridge=1.0):
     """Held-out accuracy of a linear (ridge-regression) classifier: features (N, d), labels (N,) ints.
     The first train_share of the rows fit it, the rest test it."""
@@ -673,6 +686,10 @@ def report(model, enc, cfg, device):
     print(f"binding: recall from context with N = {' '.join(map(str, bind))} stored pairs: "
           f"{' '.join(f'{a:.2f}' for a in bind.values())} (1/N, a stored value at random: "
           f"{' '.join(f'{1 / n:.2f}' for n in bind)})")
+    shared = shared_exact_match(model, enc, device=device)
+    print(f"by name: full context with N = {' '.join(map(str, shared))} people who share one attribute: "
+          f"{' '.join(f'{em:.2f}' for em, _ in shared.values())} (1/N: {' '.join(f'{1 / n:.2f}' for n in shared)}); "
+          f"'unknown' for a person never mentioned {' '.join(f'{a:.2f}' for _, a in shared.values())}")
     probe = subject_probe(model, enc, device=device)
     fmt = lambda accs: " ".join(f"{a:.2f}" for a in accs)
     if probe is not None:

@@ -57,6 +57,8 @@ DEFAULTS = dict(
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
     context_reg=0.5,              # + context_reg x LM loss of the episode's own history read with its state
     dense_questions=True,         # training msqa episodes ask about every stated fact (reads are cheap)
+    shared_share=0.0,             # share of training msqa episodes whose facts use only 2 attributes, so that
+                                  # people share them and only the person tells the facts apart
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=50, val_episodes=64,
     diagnose=True,                # retention, key separation and read margin per layer in the progress line
@@ -177,8 +179,9 @@ def sample_episodes(rng, cfg, n, split="train"):
         if task == "recall" and cfg["n_pairs"]:                          # a fixed number of pairs
             out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))
             continue
-        if task == "msqa" and cfg["dense_questions"]:                    # every stated fact asked once
-            out.append(tasks.make_msqa(rng, cfg["episode_preset"], split, dense=True))
+        if task == "msqa" and (cfg["dense_questions"] or cfg["shared_share"] > 0):
+            attrs = 2 if cfg["shared_share"] > 0 and rng.random() < cfg["shared_share"] else 0  # 2: shared
+            out.append(tasks.make_msqa(rng, cfg["episode_preset"], split, dense=cfg["dense_questions"], attrs=attrs))
             continue
         out.append(tasks.make_episode(rng, task=task, preset=cfg["episode_preset"], split=split))
     return out
@@ -289,15 +292,18 @@ def train_one(kind, name, gpt, enc, cfg, device):
     print(f"[{name}] training {t:,} parameters ({100 * t / (t + f):.2f}% of {t + f:,}); backbone frozen")
     pad = enc.eot_token
     corpus = CorpusRows(cfg["data_dir"]) if cfg["general_reg"] > 0 else None
-    val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7), dict(cfg, dense_questions=False),  # the
-                              cfg["val_episodes"], split="train")                   # same for every recipe
+    val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7),   # the same for every recipe
+                              dict(cfg, dense_questions=False, shared_share=0.0), cfg["val_episodes"], split="train")
+    vrng = np.random.default_rng(cfg["seed"] + 8)                        # train-side: 4 people, one attribute
+    val_shared = [tasks.make_shared(vrng, 4, "train") for _ in range(cfg["val_episodes"] // 2)] \
+        if cfg["task"] in ("msqa", "mix") else []
 
     def save(it):
         save_memory(model, path, optimizer=opt.state_dict(), iter_num=it, history=history,
                     train_config=dict(cfg, kind=kind))
 
     if cfg["diagnose"] and kind != "lora" and start == 0:                # the instruments at init
-        print(f"[{name}] at init: {diagnosis_line(diagnose(model, enc, val_eps, device))}", flush=True)
+        print(f"[{name}] at init: {diagnosis_line(diagnose(model, enc, val_eps + val_shared, device))}", flush=True)
 
     def loss_at(it):
         rng = np.random.default_rng([cfg["seed"], it])                   # the batch depends only on it
@@ -315,14 +321,17 @@ def train_one(kind, name, gpt, enc, cfg, device):
 
     def log(it, loss, lr, dt):
         acc, abst = answer_accuracy(model, enc, val_eps, cfg, device)
+        shared = answer_accuracy(model, enc, val_shared, cfg, device)[0] if val_shared else None
         b = mean_beta(model)
-        diag = diagnose(model, enc, val_eps, device) if cfg["diagnose"] and kind != "lora" else {}
+        diag = diagnose(model, enc, val_eps + val_shared, device) if cfg["diagnose"] and kind != "lora" else {}
+        by_name = f" | shared N=4 {shared:.2f} (chance 0.25)" if shared is not None else ""
         print(f"[{name}] iter {it:4d}/{cfg['max_iters']} | loss {loss:.3f} | val fact acc {acc:.2f} abstention "
-              f"{abst:.2f} | β {b.item() if b is not None else 0:.3f} | {1 / dt:.1f} steps/s | "
+              f"{abst:.2f}{by_name} | β {b.item() if b is not None else 0:.3f} | {1 / dt:.1f} steps/s | "
               f"ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
         if diag:
             print(f"[{name}]   {diagnosis_line(diag)}", flush=True)
-        history.append(dict(iter=it, train=loss, val_acc=acc, val_abstention=abst, diagnostics=diag))
+        history.append(dict(iter=it, train=loss, val_acc=acc, val_abstention=abst, val_shared_acc=shared,
+                            diagnostics=diag))
         save(it)
 
     t0 = time.time()
@@ -362,28 +371,31 @@ def answer_accuracy(model, enc, episodes, cfg, device):
 def fact_sites(enc, ep, window):
     """Where an episode's facts sit in its memory stream, and which fact each question asks.
 
-    Returns (sites, slots, asked): sites [(window, offset)] of every stated value's first token; slots
-    [int] which (subject, slot) each statement is about (an update restates its slot: the delta rule
-    should write it under the same key); asked [site index or None] per question: the latest statement
-    of the gold answer (None: abstention, a session number, or an answer not stated)."""
+    Returns (sites, slots, asked, kinds): sites [(window, offset)] of every stated value's first token;
+    slots [int] which (subject, slot) each statement is about (an update restates its slot: the delta
+    rule should write it under the same key); asked [site index or None] per question: the latest
+    statement of the gold answer (None: abstention, a session number, or an answer not stated); kinds
+    [int] which attribute (or relation word) each statement states: facts of one kind are the rivals
+    that only the person tells apart."""
     runs = []                                                            # (window, first token) of every line
     for w, (_, seg) in enumerate(tasks.encode_history(enc, ep, window)):
         runs += [(w, i) for i, s in enumerate(seg) if i == 0 or seg[i - 1] != s]
     lines = [line for session in ep.sessions for line in session]
     if len(runs) != len(lines):                                          # a line cut across windows: skip it
-        return [], [], [None] * len(ep.questions)
-    sites, slots, values, slot_id = [], [], [], {}
+        return [], [], [None] * len(ep.questions), []
+    sites, slots, values, slot_id, kinds, kind_id = [], [], [], {}, [], {}
     for (w, start), line in zip(runs, lines):
         for subject, slot, value in tasks.line_facts(line, ep.task):
             at = line.rfind(" " + value)                                 # values come last in their statement
             sites.append((w, start + len(enc.encode_ordinary(line[:at]))))
             slots.append(slot_id.setdefault((subject, slot), len(slot_id)))
+            kinds.append(kind_id.setdefault(slot, len(kind_id)))
             values.append(value)
     asked = []
     for q in ep.questions:
         hits = [i for i, v in enumerate(values) if v == q.a and q.family != "abstention"]
         asked.append(hits[-1] if hits else None)
-    return sites, slots, asked
+    return sites, slots, asked, kinds
 
 
 class LayerInputs:
@@ -403,18 +415,19 @@ class LayerInputs:
 
 
 def binding_sites(enc, episodes, batch, block_size):
-    """Per episode: stream positions (F,) of its facts' value tokens, their slot ids (F,), and [(question,
-    read position, asked fact)] for the questions whose answer is a stated fact (fact_sites, in the
-    batch's padded layout)."""
+    """Per episode: stream positions (F,) of its facts' value tokens, their slot ids (F,), [(question,
+    read position, asked fact)] for the questions whose answer is a stated fact, and their kind ids (F,)
+    (fact_sites, in the batch's padded layout)."""
     W, L = batch["hist"].shape[1:]
     Lq = batch["qx"].size(-1)
     answer_at = (batch["qy"] != IGNORE_INDEX).float().argmax(-1)        # (B, Q) the last prompt token
     out = []
     for b, ep in enumerate(episodes):
-        sites, slots, asked = fact_sites(enc, ep, block_size)
+        sites, slots, asked, kinds = fact_sites(enc, ep, block_size)
         pos = torch.tensor([w * L + o for w, o in sites], dtype=torch.long)
         reads = [(j, j * Lq + int(answer_at[b, j]), a) for j, a in enumerate(asked) if a is not None]
-        out.append((pos, torch.tensor(slots, dtype=torch.long), reads if len(set(slots)) > 1 else []))
+        out.append((pos, torch.tensor(slots, dtype=torch.long), reads if len(set(slots)) > 1 else [],
+                    torch.tensor(kinds, dtype=torch.long)))
     return out
 
 
@@ -430,7 +443,7 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1):
         B = len(sites)
         k = mem.write_terms(writes[i].reshape(B, -1, writes[i].size(-1)), W)[0]  # (B, H, T, d_k)
         q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)))   # (B, H, Q·Lq, d_k)
-        for b, (pos, slots, asked) in enumerate(sites):
+        for b, (pos, slots, asked, _) in enumerate(sites):
             if not asked:
                 continue
             ks = k[b, :, pos.to(k.device)]                               # (H, F, d_k)
@@ -451,19 +464,28 @@ def retention(keep, real, pos):
     return after[:, pos].exp().mean(-1).mean(0)                         # (F,)
 
 
-def key_separation(keys, slots):
+def key_separation(keys, slots, kinds=None):
     """Mean |cos| between the unit write keys (H, F, d_k) of facts about different slots (F,): 0
-    orthogonal, 1 all collide."""
+    orthogonal, 1 all collide. kinds (F,): only pairs of one kind (same attribute, other person) count.
+    None when no pair counts."""
     other = slots[:, None] != slots[None, :]                             # (F, F)
-    return (keys @ keys.transpose(-1, -2)).abs()[:, other.to(keys.device)].mean()
+    if kinds is not None:
+        other &= kinds[:, None] == kinds[None, :]
+    return (keys @ keys.transpose(-1, -2)).abs()[:, other.to(keys.device)].mean() if other.any() else None
 
 
-def read_margin(query, keys, slots, asked):
+def read_margin(query, keys, slots, asked, kinds=None):
     """cos(query, the asked fact's key) - max cos(query, the keys of facts about other slots), mean over
     heads. query (H, d_k), keys (H, F, d_k) unit vectors, slots (F,); 1 for orthogonal keys and the asked
-    key as query."""
+    key as query. kinds (F,): only facts of the asked fact's kind are rivals (then the attribute's type
+    earns nothing). None when there is no rival."""
     c = (keys @ query[..., None])[..., 0]                               # (H, F)
-    others = c[:, (slots != slots[asked]).to(c.device)]                  # (H, F') the rivals
+    rival = slots != slots[asked]
+    if kinds is not None:
+        rival &= kinds == kinds[asked]
+    if not rival.any():
+        return None
+    others = c[:, rival.to(c.device)]                                    # (H, F') the rivals
     return (c[:, asked] - others.max(1).values).mean()
 
 
@@ -475,7 +497,9 @@ def diagnose(model, enc, episodes, device):
                   a written value (and of its gradient) is left when the question reads;
       key_sep     mean |cos| between the write keys of facts about different slots (1: all keys collide);
       margin      cos(q at the answer, k of the asked fact) - max cos(q, k of facts about other slots):
-                  > 0 when the read finds the asked fact first.
+                  > 0 when the read finds the asked fact first;
+      same_sep, same_margin   the same two with only rivals of the asked fact's attribute (other people):
+                  what is left once the attribute's type earns nothing. By name, same_margin > 0.
     """
     model.eval()
     batch = tasks.collate_episodes(enc, episodes, model.gpt.config.block_size, enc.eot_token)
@@ -494,18 +518,21 @@ def diagnose(model, enc, episodes, device):
     for i, mem in model.memories.items():
         k, _, _, keep = mem.write_terms(writes[i].reshape(B, W * L, -1), W)  # (B, H, T, d_k), (B, H, T, r|1)
         q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)))   # (B, H, Q·Lq, d_k)
-        ret, sep, margin = [], [], []
-        for b, (pos, slots, asked) in enumerate(sites):
+        ret, sep, margin, same_sep, same_margin = [], [], [], [], []
+        for b, (pos, slots, asked, kinds) in enumerate(sites):
             if len(pos) == 0:
                 continue
             pos = pos.to(device)
             ret += retention(keep[b], real[b], pos).tolist()
-            if len(set(slots.tolist())) > 1:
-                sep.append(key_separation(k[b, :, pos], slots).item())
-            margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a).item() for _, at, a in asked]
-        mean = lambda xs: float(np.mean(xs)) if xs else None
-        out[i] = dict(retention_mean=mean(ret), retention_min=float(np.min(ret)) if ret else None,
-                      key_sep=mean(sep), margin=mean(margin))
+            sep.append(key_separation(k[b, :, pos], slots))
+            same_sep.append(key_separation(k[b, :, pos], slots, kinds))
+            margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a) for _, at, a in asked]
+            same_margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a, kinds) for _, at, a in asked]
+        mean = lambda xs: float(np.mean([x.item() for x in xs if x is not None])) if any(
+            x is not None for x in xs) else None
+        out[i] = dict(retention_mean=float(np.mean(ret)) if ret else None,
+                      retention_min=float(np.min(ret)) if ret else None, key_sep=mean(sep), margin=mean(margin),
+                      same_sep=mean(same_sep), same_margin=mean(same_margin))
     model.train()
     return out
 
@@ -514,7 +541,8 @@ def diagnosis_line(diag):
     """One short line: the layers' diagnostics, layer by layer."""
     f = lambda v: "–" if v is None else f"{v:.2f}"
     return " ".join(f"L{i}[ret {f(d['retention_mean'])}/{f(d['retention_min'])} sep {f(d['key_sep'])} "
-                    f"margin {f(d['margin'])}]" for i, d in diag.items())
+                    f"margin {f(d['margin'])} | same attribute: sep {f(d.get('same_sep'))} "
+                    f"margin {f(d.get('same_margin'))}]" for i, d in diag.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,6 +685,40 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
     return results, per_split, outcomes
 
 
+def evaluate_shared(cfg, enc, gpt, memories, device, ns=tasks.SHARED_N):
+    """By the person: every condition at 0 history tokens (and full context) on held-out episodes where N
+    people share one attribute (tasks.make_shared, train-side words, fresh seeds), kept apart from the
+    headline. Returns {condition: {N: {"em": EM on the people's facts, "abstention": 'unknown' for a
+    person never mentioned}}} and chance = 1/N."""
+    eps = {n: [tasks.make_shared(np.random.default_rng([20_000, n, i]), n) for i in range(cfg["eval_episodes"])]
+           for n in ns}
+    conds = {k: v for k, v in conditions(cfg, enc, gpt, memories).items()
+             if not k.endswith(f"_w{cfg['eval_read_window']}") and k != "recent_window"}
+    print(f"by name: {len(conds)} conditions on {cfg['eval_episodes']} held-out episodes each where N = "
+          f"{', '.join(map(str, ns))} people share one attribute")
+    out = {}
+    for name, (ctx, model) in conds.items():
+        for n, e in eps.items():
+            preds, _ = run_condition(enc, e, ctx, model, gpt, device)
+            per = score_condition(preds, e)["per_family"]
+            out.setdefault(name, {})[str(n)] = dict(em=per["single_hop"], abstention=per["abstention"])
+        print(f"  {name:28s} " + " | ".join(f"N={n}: {out[name][str(n)]['em']:.2f} (chance {1 / n:.2f})"
+                                             for n in ns), flush=True)
+    return dict(conditions=out, chance={str(n): 1 / n for n in ns}, episodes_per_n=cfg["eval_episodes"])
+
+
+def shared_table(shared):
+    """Markdown: EM per N against chance, and abstention on the person never mentioned."""
+    ns = list(shared["chance"])
+    md = ("| condition | " + " | ".join(f"N = {n}" for n in ns) + " | 'unknown' for an absent person |\n|---|"
+          + "---|" * (len(ns) + 1) + "\n| chance (1/N) | " + " | ".join(f"{shared['chance'][n]:.2f}" for n in ns)
+          + " | |\n")
+    for name, r in shared["conditions"].items():
+        md += (f"| {name} | " + " | ".join(f"{r[n]['em']:.2f}" for n in ns) + " | "
+               + " ".join(f"{r[n]['abstention']:.2f}" for n in ns) + " |\n")
+    return md
+
+
 @torch.no_grad()
 def general_val_loss(cfg, enc, gpt, model, device, n_batches=8):
     """LM loss on held-out corpus text: bare backbone vs memory attached after an unrelated write."""
@@ -752,9 +814,11 @@ def ratios(results, dm_name, budget, outcomes=None):
     return out
 
 
-def write_results(cfg, results, per_split, general, dm_name, extra=None, outcomes=None):
+def write_results(cfg, results, per_split, general, dm_name, extra=None, outcomes=None, shared=None):
     out = dict(conditions=results, per_split=per_split, general_val_loss=general,
                ratios=ratios(results, dm_name, cfg["eval_read_window"], outcomes), config=cfg, **(extra or {}))
+    if shared is not None:
+        out["shared"] = shared
     path = os.path.join(cfg["out_dir"], "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
@@ -786,6 +850,9 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
           "---|" * len(per_split) + "\n"
     for name in results:
         md += f"| {name} | " + " | ".join(f"{per_split[s][name]:.2f}" for s in per_split) + " |\n"
+    if shared is not None:
+        md += ("\nBy the person: EM when N people share one attribute (held-out episodes, one question per "
+               "person; 0 history tokens unless the name says full context):\n\n" + shared_table(shared))
     tmp = os.path.join(cfg["out_dir"], "results.md.tmp")
     with open(tmp, "w") as f:                                            # atomic: tmp file, then rename
         f.write(md)
@@ -883,8 +950,9 @@ def main(argv=None):
             continue
         memories[base] = train_one(base, base, gpt, enc, cfg, device)
     results, per_split, outcomes = evaluate(cfg, enc, gpt, memories, device)
+    shared = evaluate_shared(cfg, enc, gpt, memories, device) if cfg["task"] in ("msqa", "mix") else None
     general = general_val_loss(cfg, enc, gpt, memories[dm_name], device)
-    write_results(cfg, results, per_split, general, dm_name, outcomes=outcomes)
+    write_results(cfg, results, per_split, general, dm_name, outcomes=outcomes, shared=shared)
     plot_results(results, os.path.join(cfg["out_dir"], "results.png"))
 
 

@@ -302,15 +302,35 @@ def _msqa_config(preset: str, split: str) -> dict:
     return cfg
 
 
+SHARED_N = (2, 4, 8)  # the same-attribute splits: N people, one attribute, chance 1/N
+
+
+def make_shared(rng: np.random.Generator, n_people: int = 4, split: str = "iid", return_log: bool = False):
+    """N people who all share one attribute ("Alice lives in Paris.", "Bob lives in Rome.", ...), in 3
+    msqa sessions (fewer when N < 3) with chit-chat and distractors; one question per person and one about a person never
+    mentioned ("unknown"). The question's attribute alone picks a stated value at chance 1/N: only a
+    lookup by the person beats it."""
+    if not 1 <= n_people <= 16:
+        raise ValueError(f"n_people={n_people} must be between 1 and 16")
+    cfg = dict(sessions=min(3, n_people), people=n_people, facts=n_people, updated=0, chain=(1, 1), relations=0,
+               questions=n_people + 1, chars=280 + 30 * n_people, attrs=1, shared=True)
+    for _ in range(100):
+        result = _try_msqa(rng, cfg, pools_for(split))
+        if result is not None:
+            return result if return_log else result[0]
+    raise RuntimeError(f"{n_people} shared facts do not fit into {cfg['chars']} characters")
+
+
 def make_msqa(rng: np.random.Generator, preset: str = "small", split: str = "train", return_log: bool = False,
-              dense: bool = False):
+              dense: bool = False, attrs: int = 0):
     """One multi-session QA episode; with return_log also the generator's fact log (see parse_facts).
 
     dense: one question about every stated fact's current value (single_hop or update) and every relation
     (multi_hop), then the preset's usual mix and a fifth as many abstention questions again: more answer
-    tokens per written history, for training."""
+    tokens per written history, for training. attrs: draw every fact from this many attributes (0: all
+    seven), so that people share attributes."""
     cfg, pools = _msqa_config(preset, split), pools_for(split)
-    cfg["dense"] = dense
+    cfg.update(dense=dense, attrs=attrs)
     for _ in range(100):  # rare retry: the required lines alone overflowed the character budget
         result = _try_msqa(rng, cfg, pools)
         if result is not None:
@@ -323,9 +343,12 @@ def _try_msqa(rng, cfg, pools):
     speakers, people = names[:2], names[2:2 + cfg["people"]]
     absent = names[2 + cfg["people"]:]  # never written anywhere: for "absent person" abstention questions
 
-    # hidden world: which (person, attribute) slots are stated, and each slot's chain of values
-    slots = [(p, _pick(rng, ATTRIBUTES)) for p in people]  # every tracked person gets at least one fact
-    free = [(p, a) for p in people for a in ATTRIBUTES if (p, a) not in slots]
+    # hidden world: which (person, attribute) slots are stated, and each slot's chain of values;
+    # cfg["attrs"] = k draws every fact from k attributes, so people share them (the type alone won't answer)
+    k = max(cfg.get("attrs") or len(ATTRIBUTES), -(-cfg["facts"] // cfg["people"]))  # enough slots for the facts
+    attrs = [str(a) for a in rng.choice(ATTRIBUTES, k, replace=False)] if k < len(ATTRIBUTES) else ATTRIBUTES
+    slots = [(p, _pick(rng, attrs)) for p in people]  # every tracked person gets at least one fact
+    free = [(p, a) for p in people for a in attrs if (p, a) not in slots]
     slots += [free[i] for i in rng.choice(len(free), cfg["facts"] - len(slots), replace=False)]
     updated = set(rng.choice(len(slots), cfg["updated"], replace=False).tolist())
     chains = {}
@@ -437,6 +460,10 @@ def _msqa_questions(rng, cfg, pools, chains, relations, log, people, absent) -> 
             return Question(text, UNKNOWN, family)
         return None
 
+    if cfg.get("shared"):  # every person once, then a person never mentioned, all with the one attribute
+        out = [Question(current(attr, p), chain[-1], "single_hop") for (p, attr), chain in chains.items()]
+        out.append(Question(current(next(iter(chains))[1], _pick(rng, absent)), UNKNOWN, "abstention"))
+        return [out[i] for i in rng.permutation(len(out))]
     dense = []                                                           # dense: every fact asked once
     if cfg.get("dense"):
         for (p, attr), chain in chains.items():
@@ -587,11 +614,16 @@ def make_overwrites(rng: np.random.Generator, n_pairs: int = 8, split: str = "tr
 # --------------------------------------------------------------------------------------------------------
 
 
-GENERATORS = TASKS + ["overwrites"]  # overwrites: recall episodes (task "recall") with cross-session updates
+GENERATORS = TASKS + ["overwrites", "shared"]  # overwrites: recall episodes (task "recall") with cross-session
+# updates; shared: msqa episodes whose people all share one attribute (make_shared, N people per preset)
+SHARED_PRESETS = {"tiny": 2, "small": 4, "medium": 8, "long": 16}
 
 
 def make_episode(rng: np.random.Generator, task: str = "msqa", preset: str = "small", split: str = "train") -> Episode:
     _check_name("task", task, GENERATORS)
+    if task == "shared":
+        _check_name("preset", preset, PRESETS)
+        return make_shared(rng, SHARED_PRESETS[preset], split)
     if task == "overwrites":
         _check_name("preset", preset, PRESETS)
         return make_overwrites(rng, RECALL_PRESETS[preset]["n_pairs"], split)

@@ -399,3 +399,24 @@ def test_overwritten_later_by_hand():
     facts = tasks.parse_facts(ep)
     assert [f[3] for f in facts] == ["Lisbon", "Paris", "Oslo", "Rome", "Cairo"], facts  # the templates parse
     assert [tasks.overwritten_later(ep, q) for q in ep.questions] == [True, False, False]  # Rome: same session
+
+
+@pytest.mark.parametrize("n", tasks.SHARED_N)
+def test_shared_episodes_give_every_person_one_attribute(n):
+    for seed in range(10):
+        ep, log = tasks.make_shared(np.random.default_rng(seed), n, return_log=True)
+        facts = tasks.parse_facts(ep)
+        assert len(facts) == n and len({f[1] for f in facts}) == n       # n people, one fact each
+        assert len({f[2] for f in facts}) == 1                           # all of one attribute
+        assert tasks.parse_gold(ep) == [q.a for q in ep.questions]       # the parser re-derives every answer
+        asked = sorted(q.a for q in ep.questions if q.family == "single_hop")
+        assert asked == sorted(f[3] for f in facts)                      # every person asked once
+        assert [q.a for q in ep.questions if q.family == "abstention"] == [tasks.UNKNOWN]  # and one absent person
+
+
+def test_msqa_attrs_makes_people_share_attributes():
+    for seed in range(10):
+        ep = tasks.make_msqa(np.random.default_rng(seed), "small", "train", dense=True, attrs=2)
+        facts = [f for f in tasks.parse_facts(ep) if f[2] in tasks.ATTRIBUTES]
+        assert len({f[2] for f in facts}) <= 2
+        assert tasks.parse_gold(ep) == [q.a for q in ep.questions]

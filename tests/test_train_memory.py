@@ -292,6 +292,7 @@ def test_diagnostics_on_hand_built_keys_and_decays():
     same = torch.cat([torch.eye(4)[:3], torch.eye(4)[2:3]])[None]         # an update under the same key
     assert TM.key_separation(same, restated).item() == pytest.approx(0.0)     # is no collision
     assert TM.read_margin(same[0, 3][None], same, restated, 3).item() == pytest.approx(1.0)  # nor a rival
+    assert TM.read_margin(keys[0, 0][None], keys, slots, 0, kinds=torch.arange(4)) is None  # no same-kind rival
     keep = torch.full((1, 6, 1), 0.5)                                    # (H, T, 1) every token keeps half
     real = torch.tensor([True] * 5 + [False])                            # the last token is padding
     got = TM.retention(keep, real, torch.tensor([0, 3, 4]))
@@ -302,7 +303,7 @@ def test_diagnostics_on_hand_built_keys_and_decays():
 
 def test_fact_sites_point_at_the_asked_value_token(enc):
     ep = tasks.make_msqa(np.random.default_rng(3), "small", "train", dense=True)
-    sites, slots, asked = TM.fact_sites(enc, ep, 256)
+    sites, slots, asked, kinds = TM.fact_sites(enc, ep, 256)
     windows = tasks.encode_history(enc, ep, 256)
     facts = tasks.parse_facts(ep)
     assert len(sites) == len(facts)
@@ -310,6 +311,8 @@ def test_fact_sites_point_at_the_asked_value_token(enc):
         assert enc.decode(windows[w][0][o:o + 40]).startswith(" " + value)
     for i, j in [(i, j) for i in range(len(facts)) for j in range(len(facts))]:  # one slot id per (subject, slot)
         assert (slots[i] == slots[j]) == (facts[i][1:3] == facts[j][1:3])
+    for i, j in [(i, j) for i in range(len(facts)) for j in range(len(facts))]:  # one kind id per attribute
+        assert (kinds[i] == kinds[j]) == (facts[i][2] == facts[j][2])
     for q, a in zip(ep.questions, asked):
         assert (a is None) == (q.family == "abstention" or q.a not in [f[3] for f in facts])
         if a is not None:
@@ -367,6 +370,19 @@ def test_binding_term_leaves_the_asked_slots_older_statements_out():
     k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])               # (F, d_k)
     writes = {"0": k[None]}                                              # (B=1, T=3, d_k): facts at tokens 0..2
     reads = {"0": torch.tensor([[[0.0, 1.0]]])}                          # the query at read position 0
-    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2)])]   # asks fact 2, the latest of slot 1
+    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2)], torch.zeros(3))]  # asks fact 2, the latest of slot 1
     got = TM.binding_loss(model, writes, reads, sites, 1, 1, tau=0.5).item()
     assert got == pytest.approx(float(-torch.log_softmax(torch.tensor([0.0, 2.0]), 0)[1]))
+
+
+def test_same_attribute_margin_and_separation_by_hand():
+    kinds = torch.tensor([0, 0, 1])                                      # facts 0, 1: one attribute, two people
+    slots = torch.arange(3)
+    apart = torch.eye(3)[None]                                           # (1, 3, 3) orthogonal keys
+    assert TM.read_margin(apart[0, 0][None], apart, slots, 0, kinds).item() == pytest.approx(1.0)
+    assert TM.key_separation(apart, slots, kinds).item() == pytest.approx(0.0)
+    typed = torch.stack([torch.eye(3)[0], torch.eye(3)[0], torch.eye(3)[1]])[None]  # a key of the attribute only
+    assert TM.read_margin(typed[0, 0][None], typed, slots, 0, kinds).item() == pytest.approx(0.0)
+    assert TM.key_separation(typed, slots, kinds).item() == pytest.approx(1.0)
+    assert TM.read_margin(typed[0, 0][None], typed, slots, 0).item() == pytest.approx(0.0)  # all rivals: fact 1 too
+    assert TM.read_margin(typed[0, 0][None], typed[:, [0, 2]], slots[:2], 0).item() == pytest.approx(1.0)  # the type
