@@ -48,17 +48,17 @@ DEFAULTS = dict(
 PRESET_TABLE = {
     "cpu": dict(backbone=dict(), memory=dict(), ablate=dict()),             # the defaults
     # 2x the backbone's steps (binds better) and the recipe that binds there: no forgetting, 1500 steps
+    # (train_memory.py reads and writes its backbone in its --out_dir; the sweeps read the main job's)
     "cpu_long": dict(backbone=dict(max_iters=3000, out_dir="out-long"),
-                     memory=dict(backbone="out-long/backbone.pt", out_dir="out-long", max_iters=1500,
-                                 update="deltanet", gate_bias=0.0),
-                     ablate=dict(out_dir="out-long-ablate")),
+                     memory=dict(out_dir="out-long", max_iters=1500, update="deltanet", gate_bias=0.0),
+                     ablate=dict(out_dir="out-long-ablate", backbone="out-long/backbone.pt")),
     # a 6-layer, width-384 backbone; the memory's chunk 64 means few sequential scan steps
     "gpu": dict(backbone=dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=64, max_iters=3000,
                               learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20,
                               out_dir="out-gpu"),
                 memory=dict(batch_size=32, max_iters=2000, eval_episodes=200, val_episodes=256, chunk_size=64,
-                            backbone="out-gpu/backbone.pt", out_dir="out-gpu"),
-                ablate=dict(out_dir="out-gpu-ablate")),
+                            out_dir="out-gpu"),
+                ablate=dict(out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt")),
 }
 
 

@@ -36,7 +36,7 @@ from data.tasks import exact_match, normalize_answer, score
 
 DEFAULTS = dict(
     preset="cpu",
-    backbone="out/backbone.pt",   # trained first (train_backbone.py) when missing and left at default
+    backbone="",                  # "": <out_dir>/backbone.pt, pretrained there first (train_backbone.py) when missing
     out_dir="out",
     data_dir="data/pydoc",
     task="msqa",                  # msqa | recall | overwrites (recall, keys reassigned in later sessions) | mix
@@ -798,25 +798,41 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
 # the main job
 # ----------------------------------------------------------------------------------------------
 
-def ensure_backbone(cfg):
-    """Load the backbone; train it first (saying so) when the default checkpoint is missing."""
-    path = cfg["backbone"]
-    ours = path in (DEFAULTS["backbone"], PRESETS.get(cfg["preset"], {}).get("backbone"))
+def backbone_path(cfg):
+    """Where the backbone is read from: --backbone, or by default <out_dir>/backbone.pt."""
+    return cfg["backbone"] or os.path.join(cfg["out_dir"], "backbone.pt")
+
+
+def find_backbone(cfg, defaults=None, column=None):
+    """(path, ours): where the backbone is read from, and whether --backbone was left at the script's
+    default (defaults and column: the script's DEFAULTS and presets, train_memory's unless told), the
+    one backbone it pretrains when missing. Another missing file is one line."""
+    path = backbone_path(cfg)
+    ours = cfg["backbone"] == {**(defaults or DEFAULTS), **(column or PRESETS).get(cfg["preset"], {})}["backbone"]
+    if not os.path.exists(path) and not ours:
+        raise UserError(f"backbone checkpoint {path} not found: train one with "
+                        f"`python train_backbone.py --out_dir={os.path.dirname(path) or '.'}`")
+    return path, ours
+
+
+def ensure_backbone(cfg, defaults=None, column=None):
+    """(GPT, checkpoint) of the backbone; the default one is pretrained first (saying so) when it is
+    missing, and resumed when its pretraining was interrupted. defaults, column: as find_backbone."""
+    path, ours = find_backbone(cfg, defaults, column)
     args = [f"--preset={cfg['preset']}", f"--out_dir={os.path.dirname(path) or '.'}", f"--data_dir={cfg['data_dir']}"]
     if not os.path.exists(path):
-        if not ours:
-            raise UserError(f"backbone checkpoint {path} not found: train one with "
-                            f"`python train_backbone.py --out_dir={os.path.dirname(path) or '.'}`")
-        print(f"{path} not found: pretraining the backbone first (python train_backbone.py "
-              f"--preset={cfg['preset']})")
+        print(f"backbone: {path} not found: pretraining it now and writing it there "
+              f"(python train_backbone.py {' '.join(args)})")
         train_backbone.train(parse_config(args, train_backbone.DEFAULTS, train_backbone.PRESETS))
     elif ours:                                                           # an interrupted pretraining resumes
         ckpt = load_checkpoint(path, required=("model", "config"))
         done, total = ckpt.get("iter_num", 0), ckpt.get("train_config", {}).get("max_iters", 0)
         if done < total:
-            print(f"{path} stopped at iteration {done} of {total}: resuming its pretraining first")
+            print(f"backbone: {path} stopped at iteration {done} of {total}: resuming its pretraining there first")
             train_backbone.train(parse_config(args + ["--resume"], train_backbone.DEFAULTS, train_backbone.PRESETS))
-    return load_backbone(path)
+    gpt, ckpt = load_backbone(path)
+    print(f"backbone: read from {path} ({ckpt.get('iter_num', '?')} iterations)")
+    return gpt, ckpt
 
 
 def check_config(cfg):
@@ -865,8 +881,8 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     gpt, bckpt = ensure_backbone(cfg)
     if gpt.config.vocab_size != enc.n_vocab:
-        raise UserError(f"backbone {cfg['backbone']} has vocabulary {gpt.config.vocab_size} but {cfg['data_dir']} "
-                        f"has {enc.n_vocab}: use the data it was trained on (--data_dir)")
+        raise UserError(f"backbone {backbone_path(cfg)} has vocabulary {gpt.config.vocab_size} but "
+                        f"{cfg['data_dir']} has {enc.n_vocab}: use the data it was trained on (--data_dir)")
     gpt.to(device)
     if cfg["eval_only"]:
         return eval_only(cfg, enc, gpt, device)
