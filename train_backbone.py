@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, autodetect_device, unfit
+from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, MemoryConfig, autodetect_device, unfit
 
 # ----------------------------------------------------------------------------------------------
 # config: defaults, then a preset, then --key=value overrides
@@ -328,9 +328,33 @@ def load_weights(path, ckpt, key, module, optimizer=None):
         raise UserError(str(unfit(path, e))) from None
 
 
+BACKBONE_ENTRIES = ("model", "config")                                  # what every backbone checkpoint holds
+
+
+def checked_config(path, ckpt, key, kind):
+    """kind(**ckpt[key]), e.g. the GPTConfig of a backbone checkpoint; a config this code does not know
+    (an unknown key, an invalid value) is one line."""
+    try:
+        return kind(**ckpt[key])
+    except (TypeError, ValueError) as e:
+        raise UserError(str(unfit(path, e))) from None
+
+
+def check_backbone_file(path):
+    """Before any work starts: the file loads without running code, holds a backbone's entries with the
+    right types and a config this code builds (its weights are checked when it loads: load_backbone)."""
+    checked_config(path, load_checkpoint(path, required=BACKBONE_ENTRIES), "config", GPTConfig)
+
+
+def check_memory_file(path):
+    """Before any work starts: as check_backbone_file, for a memory checkpoint (whether it belongs to the
+    backbone is checked once that is loaded: load_memory)."""
+    checked_config(path, load_checkpoint(path, required=MEMORY_ENTRIES), "mem_config", MemoryConfig)
+
+
 def load_backbone(path):
     """A GPT from a train_backbone.py checkpoint (unwrapped weights + config)."""
-    ckpt = load_checkpoint(path, required=("model", "config"))
+    ckpt = load_checkpoint(path, required=BACKBONE_ENTRIES)
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
     except (TypeError, ValueError, AssertionError) as e:                 # unknown config keys
@@ -570,6 +594,12 @@ def train(cfg):
                            grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"),
                            eval_episodes=(lambda v: v >= 0, "a whole number >= 0, e.g. 100")))
     check_device(cfg["device"])
+    ckpt_path = os.path.join(cfg["out_dir"], "backbone.pt")
+    resumed = None
+    if cfg["resume"]:                                                    # checked before any data is prepared
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; train first (drop --resume)")
+        resumed = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
     writable_dir(cfg["out_dir"])
     meta = ensure_data(cfg["data_dir"])
     try:
@@ -581,17 +611,13 @@ def train(cfg):
     gconf = GPTConfig(vocab_size=meta["vocab_size"], **{k: cfg[k] for k in MODEL_KEYS})
     model = GPT(gconf)
     optimizer = make_optimizer(model, cfg)
-    ckpt_path = os.path.join(cfg["out_dir"], "backbone.pt")
     start, history = 0, []
-    if cfg["resume"]:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}; train first (drop --resume)")
-        ckpt = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
-        if ckpt["config"] != gconf.__dict__:
-            raise UserError(f"{ckpt_path} holds a model with config {ckpt['config']}, not {gconf.__dict__}: "
+    if resumed is not None:
+        if resumed["config"] != gconf.__dict__:
+            raise UserError(f"{ckpt_path} holds a model with config {resumed['config']}, not {gconf.__dict__}: "
                             f"resume with the same options, or use another --out_dir")
-        load_weights(ckpt_path, ckpt, "model", model, optimizer)
-        start, history = ckpt["iter_num"], ckpt.get("history", [])
+        load_weights(ckpt_path, resumed, "model", model, optimizer)
+        start, history = resumed["iter_num"], resumed.get("history", [])
         print(f"resuming from {ckpt_path} at iteration {start}")
     model.to(device)
     n_params = model.num_params()

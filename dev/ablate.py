@@ -720,6 +720,7 @@ def main(argv=None):
             raise UserError(f"{csv_path} has no finished rows yet: run the sweep first (without --plots)")
         return draw_all(cfg, csv_path)
     cells = make_cells(cfg, axes)
+    TM.check_files(cfg, DEFAULTS, PRESETS)                               # --memory, --backbone: before any work
     enc, gpt, device = setup(cfg)
     for c in cells:
         TM.check_fits(c, gpt)                                            # layers and heads x rank fit the backbone
