@@ -153,6 +153,11 @@ def fmt_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def fmt_ms_per_iter(ms):
+    """The backbone's pretraining speed for a summary; None (a checkpoint older than the measure): unknown."""
+    return "unknown" if ms is None else f"{ms:.0f} ms/iter"
+
+
 def ensure_data(data_dir):
     """Load the prepared data; prepare the default corpus on the spot if it is missing."""
     from data.prepare import DataError, load_meta, prepare
@@ -274,7 +279,7 @@ def save_atomic(obj, path):
 # the type of every entry the project's checkpoints hold ("tensors": a state_dict, names -> tensors);
 # an entry of another type is refused in one line, before any code trips over it
 ENTRY_TYPES = dict(model="tensors", config=dict, optimizer=dict, iter_num=int, history=list, train_config=dict,
-                   data=dict, memory="tensors", mem_config=dict, backbone_hash=str)
+                   data=dict, memory="tensors", mem_config=dict, backbone_hash=str, ms_per_iter=float)
 MEMORY_ENTRIES = ("memory", "mem_config", "backbone_hash")              # what every memory checkpoint holds
 
 
@@ -641,12 +646,23 @@ def train(cfg):
         model.train()
         return float(np.mean(losses))
 
+    clock = dict(at=start, steps=0, seconds=0.0)                         # this run's training steps and their time
+
+    def ms_per_iter():
+        """Mean ms per training step (evaluation left out) of this run; of the resumed run when this one
+        trained none; None when neither measured it (a checkpoint older than the measure)."""
+        if clock["steps"]:
+            return 1000 * clock["seconds"] / clock["steps"]
+        return resumed.get("ms_per_iter") if resumed is not None else None
+
     def save(it):
         raw = getattr(model, "_orig_mod", model)                          # never the compile wrapper
+        ms = ms_per_iter()
         save_atomic(dict(model=raw.state_dict(), config=gconf.__dict__, optimizer=optimizer.state_dict(),
                          iter_num=it, history=history, train_config=cfg,
                          data=dict(dir=cfg["data_dir"], vocab_size=meta["vocab_size"],
-                                   corpus_sha256=meta.get("corpus_sha256"))), ckpt_path)
+                                   corpus_sha256=meta.get("corpus_sha256")),
+                         **({} if ms is None else dict(ms_per_iter=ms))), ckpt_path)  # a user scales times by it
 
     def loss_at(it):
         gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + it)  # the batch depends only on it
@@ -657,6 +673,9 @@ def train(cfg):
     tokens_per_iter = cfg["batch_size"] * gconf.block_size
 
     def log(it, loss, lr, dt):
+        clock["steps"] += it - clock["at"]                               # dt: seconds per step since the last log
+        clock["seconds"] += dt * (it - clock["at"])
+        clock["at"] = it
         print(f"iter {it:5d}/{cfg['max_iters']} | loss {loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms/iter | "
               f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
         history.append(dict(iter=it, train=loss))
@@ -672,7 +691,8 @@ def train(cfg):
              resume_hint=f"Resume with: {resume_command(cfg)}")
     if it == start and start > 0:
         print(f"{ckpt_path} already trained for {start} iterations (--max_iters={cfg['max_iters']})")
-    print(f"training took {fmt_time(time.time() - t0)}")
+    print(f"training took {fmt_time(time.time() - t0)} | pretraining speed {fmt_ms_per_iter(ms_per_iter())} "
+          f"(compare it with another machine's to scale times)")
     if history:
         plot = os.path.join(cfg["out_dir"], "backbone_loss.png")
         save_loss_plot(history, plot, f"backbone pretraining ({n_params / 1e6:.2f}M params)")

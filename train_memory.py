@@ -17,6 +17,7 @@ Then every condition of design.md §5 is evaluated on the same held-out episodes
 """
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict
 import sys
 import time
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, IGNORE_INDEX
 import train_backbone
 from train_backbone import (MEMORY_ENTRIES, UserError, check_backbone_file, check_device, check_memory_file,
-                            check_positive, check_ranges, ensure_data, fit, fmt_time, greedy_answers, load_backbone,
-                            load_checkpoint, load_memory, load_weights, model_logits, parse_config, presets, run_cli,
-                            save_memory, writable_dir)
+                            check_positive, check_ranges, ensure_data, fit, fmt_ms_per_iter, fmt_time, greedy_answers,
+                            load_backbone, load_checkpoint, load_memory, load_weights, model_logits, parse_config,
+                            presets, run_cli, save_memory, writable_dir)
 from data import tasks
 from data.tasks import exact_match, normalize_answer, score
 
@@ -842,7 +843,8 @@ def ensure_backbone(cfg, defaults=None, column=None):
             print(f"backbone: {path} stopped at iteration {done} of {total}: resuming its pretraining there first")
             train_backbone.train(parse_config(args + ["--resume"], train_backbone.DEFAULTS, train_backbone.PRESETS))
     gpt, ckpt = load_backbone(path)
-    print(f"backbone: read from {path} ({ckpt.get('iter_num', '?')} iterations)")
+    print(f"backbone: read from {path} ({ckpt.get('iter_num', '?')} iterations, pretraining speed "
+          f"{fmt_ms_per_iter(ckpt.get('ms_per_iter'))})")
     return gpt, ckpt
 
 
@@ -921,7 +923,31 @@ def check_fits(cfg, gpt):
         raise UserError(f"--layers={cfg['layers']} --heads={cfg['heads']} --rank={cfg['rank']}: {e}") from None
 
 
+class Timing:
+    """Wall time per stage of a run and the backbone's pretraining speed: the run's last line and
+    results.json's "timing", so a user can scale the times to their machine."""
+
+    def __init__(self):
+        self.start, self.stages, self.backbone_ms_per_iter = time.time(), {}, None
+
+    @contextmanager
+    def stage(self, name):
+        t = time.time()
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + time.time() - t
+
+    def as_dict(self):
+        return dict(backbone_ms_per_iter=self.backbone_ms_per_iter, stages=dict(self.stages),
+                    total=time.time() - self.start)
+
+    def summary(self):
+        stages = " | ".join(f"{name} {fmt_time(s)}" for name, s in self.stages.items())
+        return (f"timing: {stages} | total {fmt_time(time.time() - self.start)}; backbone pretraining speed "
+                f"{fmt_ms_per_iter(self.backbone_ms_per_iter)} (compare it with another machine's to scale times)")
+
+
 def main(argv=None):
+    timing = Timing()
     cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
     check_config(cfg)
     episodes, demo_in = check_files(cfg)                                 # before any work starts
@@ -931,37 +957,43 @@ def main(argv=None):
                 check_memory_file(memory_path(cfg, name))
     writable_dir(cfg["out_dir"])
     from data.prepare import load_tokenizer
-    ensure_data(cfg["data_dir"])
-    enc = load_tokenizer(cfg["data_dir"])
+    with timing.stage("data"):
+        ensure_data(cfg["data_dir"])
+        enc = load_tokenizer(cfg["data_dir"])
     device = autodetect_device() if cfg["device"] == "auto" else cfg["device"]
     torch.manual_seed(cfg["seed"])
-    gpt, bckpt = ensure_backbone(cfg)
+    with timing.stage("backbone"):
+        gpt, bckpt = ensure_backbone(cfg)
+    timing.backbone_ms_per_iter = bckpt.get("ms_per_iter")
     if gpt.config.vocab_size != enc.n_vocab:
         raise UserError(f"backbone {backbone_path(cfg)} has vocabulary {gpt.config.vocab_size} but "
                         f"{cfg['data_dir']} has {enc.n_vocab}: use the data it was trained on (--data_dir)")
     gpt.to(device)
     if cfg["eval_only"]:
-        eval_only(cfg, enc, gpt, device, episodes)
+        eval_only(cfg, enc, gpt, device, episodes, timing)
     elif demo_in is not None:
         demo(enc, gpt, device, *demo_in)
     else:
-        main_job(cfg, enc, gpt, device)
+        main_job(cfg, enc, gpt, device, timing)
+    print(timing.summary())
 
 
-def main_job(cfg, enc, gpt, device):
+def main_job(cfg, enc, gpt, device, timing):
     """Train the memory and the baselines, evaluate every condition, write results.{json,md,png}."""
     check_fits(cfg, gpt)
     memories = {}
     for kind, name in memories_to_train(cfg):
-        memories[name] = train_one(kind, name, gpt, enc, cfg, device)
+        with timing.stage(name):
+            memories[name] = train_one(kind, name, gpt, enc, cfg, device)
     dm_name = condition_name(cfg)
-    results, per_split, outcomes = evaluate(cfg, enc, gpt, memories, device)
-    general = general_val_loss(cfg, enc, gpt, memories[dm_name], device)
-    write_results(cfg, results, per_split, general, dm_name, outcomes=outcomes)
+    with timing.stage("evaluation"):
+        results, per_split, outcomes = evaluate(cfg, enc, gpt, memories, device)
+        general = general_val_loss(cfg, enc, gpt, memories[dm_name], device)
+    write_results(cfg, results, per_split, general, dm_name, dict(timing=timing.as_dict()), outcomes)
     plot_results(results, os.path.join(cfg["out_dir"], "results.png"))
 
 
-def eval_only(cfg, enc, gpt, device, episodes):
+def eval_only(cfg, enc, gpt, device, episodes, timing):
     """Evaluate the memory of --memory on the episodes of --episodes (None: the preset's held-out splits)."""
     try:
         model, ckpt = load_memory(cfg["memory"], gpt)
@@ -970,10 +1002,11 @@ def eval_only(cfg, enc, gpt, device, episodes):
     model.to(device)
     saved = dict(asdict(model.mcfg), write=model.mcfg.write_unit)       # the flag --write is MemoryConfig.write_unit
     name = condition_name(dict(cfg, **{k: v for k, v in saved.items() if k in cfg}))
-    results, per_split, outcomes = evaluate(cfg, enc, gpt, {name: model}, device,
-                                            None if episodes is None else {"file": episodes})
-    write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]),
-                  outcomes)
+    with timing.stage("evaluation"):
+        results, per_split, outcomes = evaluate(cfg, enc, gpt, {name: model}, device,
+                                                None if episodes is None else {"file": episodes})
+    write_results(cfg, results, per_split, None, name,
+                  dict(episodes=cfg["episodes"], memory=cfg["memory"], timing=timing.as_dict()), outcomes)
 
 
 # ----------------------------------------------------------------------------------------------

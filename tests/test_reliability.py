@@ -258,6 +258,29 @@ def test_every_kind_of_checkpoint_the_project_writes_holds_only_plain_values(dat
         assert plain(ckpt) and "optimizer" in ckpt and "history" in ckpt, p.name   # the full training checkpoints
 
 
+def test_the_summary_and_results_give_each_stages_time_and_the_backbones_speed(data_dir, backbone, tmp_path, capsys):
+    bb = TB.train(TB.parse_config(backbone_args(data_dir, tmp_path, "--max_iters=5", "--block_size=128"),
+                                  TB.DEFAULTS, TB.PRESETS))
+    ms = torch.load(bb, weights_only=True)["ms_per_iter"]
+    assert isinstance(ms, float) and ms > 0
+    assert f"pretraining speed {ms:.0f} ms/iter" in capsys.readouterr().out    # train_backbone.py's summary
+    TM.main(memory_args(data_dir, bb, tmp_path, "--max_iters=2", "--baselines=lora"))
+    timing = json.loads((tmp_path / "results.json").read_text())["timing"]
+    assert timing["backbone_ms_per_iter"] == ms
+    assert list(timing["stages"]) == ["data", "backbone", "deltamem", "lora", "evaluation"]
+    assert min(timing["stages"].values()) >= 0 and timing["total"] >= sum(timing["stages"].values())
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("timing: data ") and f"pretraining speed {ms:.0f} ms/iter" in last
+    # a backbone saved before the measure existed: its speed is unknown, not guessed
+    mem = tmp_path / "memory.pt"
+    save_memory(DeltaMemGPT(load_backbone(backbone)[0], MemoryConfig(rank=4)), str(mem))
+    TM.main(memory_args(data_dir, backbone, tmp_path / "old", "--eval_only", f"--memory={mem}", "--episode_preset=tiny"))
+    timing = json.loads((tmp_path / "old" / "results.json").read_text())["timing"]
+    assert timing["backbone_ms_per_iter"] is None and list(timing["stages"]) == ["data", "backbone", "evaluation"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(
+        "pretraining speed unknown (compare it with another machine's to scale times)")
+
+
 @pytest.mark.parametrize("ckpt,says", [
     (dict(model=0, config={}), "'model' is int, expected dict of tensors"),
     (dict(model={"w": 0}, config={}), "'model' is dict, expected dict of tensors"),
