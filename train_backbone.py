@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, autodetect_device, unfit
+from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, MemoryConfig, autodetect_device, unfit
 
 # ----------------------------------------------------------------------------------------------
 # config: defaults, then a preset, then --key=value overrides
@@ -48,17 +48,17 @@ DEFAULTS = dict(
 PRESET_TABLE = {
     "cpu": dict(backbone=dict(), memory=dict(), ablate=dict()),             # the defaults
     # 2x the backbone's steps (binds better) and the recipe that binds there: no forgetting, 1500 steps
+    # (train_memory.py reads and writes its backbone in its --out_dir; the sweeps read the main job's)
     "cpu_long": dict(backbone=dict(max_iters=3000, out_dir="out-long"),
-                     memory=dict(backbone="out-long/backbone.pt", out_dir="out-long", max_iters=1500,
-                                 update="deltanet", gate_bias=0.0),
-                     ablate=dict(out_dir="out-long-ablate")),
+                     memory=dict(out_dir="out-long", max_iters=1500, update="deltanet", gate_bias=0.0),
+                     ablate=dict(out_dir="out-long-ablate", backbone="out-long/backbone.pt")),
     # a 6-layer, width-384 backbone; the memory's chunk 64 means few sequential scan steps
     "gpu": dict(backbone=dict(n_layer=6, n_head=6, n_embd=384, block_size=512, batch_size=64, max_iters=3000,
                               learning_rate=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=20,
                               out_dir="out-gpu"),
                 memory=dict(batch_size=32, max_iters=2000, eval_episodes=200, val_episodes=256, chunk_size=64,
-                            backbone="out-gpu/backbone.pt", out_dir="out-gpu"),
-                ablate=dict(out_dir="out-gpu-ablate")),
+                            out_dir="out-gpu"),
+                ablate=dict(out_dir="out-gpu-ablate", backbone="out-gpu/backbone.pt")),
 }
 
 
@@ -151,6 +151,11 @@ def writable_dir(path):
 def fmt_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def fmt_ms_per_iter(ms):
+    """The backbone's pretraining speed for a summary; None (a checkpoint older than the measure): unknown."""
+    return "unknown" if ms is None else f"{ms:.0f} ms/iter"
 
 
 def ensure_data(data_dir):
@@ -274,7 +279,7 @@ def save_atomic(obj, path):
 # the type of every entry the project's checkpoints hold ("tensors": a state_dict, names -> tensors);
 # an entry of another type is refused in one line, before any code trips over it
 ENTRY_TYPES = dict(model="tensors", config=dict, optimizer=dict, iter_num=int, history=list, train_config=dict,
-                   data=dict, memory="tensors", mem_config=dict, backbone_hash=str)
+                   data=dict, memory="tensors", mem_config=dict, backbone_hash=str, ms_per_iter=float)
 MEMORY_ENTRIES = ("memory", "mem_config", "backbone_hash")              # what every memory checkpoint holds
 
 
@@ -328,9 +333,33 @@ def load_weights(path, ckpt, key, module, optimizer=None):
         raise UserError(str(unfit(path, e))) from None
 
 
+BACKBONE_ENTRIES = ("model", "config")                                  # what every backbone checkpoint holds
+
+
+def checked_config(path, ckpt, key, kind):
+    """kind(**ckpt[key]), e.g. the GPTConfig of a backbone checkpoint; a config this code does not know
+    (an unknown key, an invalid value) is one line."""
+    try:
+        return kind(**ckpt[key])
+    except (TypeError, ValueError) as e:
+        raise UserError(str(unfit(path, e))) from None
+
+
+def check_backbone_file(path):
+    """Before any work starts: the file loads without running code, holds a backbone's entries with the
+    right types and a config this code builds (its weights are checked when it loads: load_backbone)."""
+    checked_config(path, load_checkpoint(path, required=BACKBONE_ENTRIES), "config", GPTConfig)
+
+
+def check_memory_file(path):
+    """Before any work starts: as check_backbone_file, for a memory checkpoint (whether it belongs to the
+    backbone is checked once that is loaded: load_memory)."""
+    checked_config(path, load_checkpoint(path, required=MEMORY_ENTRIES), "mem_config", MemoryConfig)
+
+
 def load_backbone(path):
     """A GPT from a train_backbone.py checkpoint (unwrapped weights + config)."""
-    ckpt = load_checkpoint(path, required=("model", "config"))
+    ckpt = load_checkpoint(path, required=BACKBONE_ENTRIES)
     try:
         model = GPT(GPTConfig(**ckpt["config"]))
     except (TypeError, ValueError, AssertionError) as e:                 # unknown config keys
@@ -583,6 +612,12 @@ def train(cfg):
                            grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"),
                            eval_episodes=(lambda v: v >= 0, "a whole number >= 0, e.g. 100")))
     check_device(cfg["device"])
+    ckpt_path = os.path.join(cfg["out_dir"], "backbone.pt")
+    resumed = None
+    if cfg["resume"]:                                                    # checked before any data is prepared
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; train first (drop --resume)")
+        resumed = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
     writable_dir(cfg["out_dir"])
     meta = ensure_data(cfg["data_dir"])
     try:
@@ -594,17 +629,13 @@ def train(cfg):
     gconf = GPTConfig(vocab_size=meta["vocab_size"], **{k: cfg[k] for k in MODEL_KEYS})
     model = GPT(gconf)
     optimizer = make_optimizer(model, cfg)
-    ckpt_path = os.path.join(cfg["out_dir"], "backbone.pt")
     start, history = 0, []
-    if cfg["resume"]:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}; train first (drop --resume)")
-        ckpt = load_checkpoint(ckpt_path, required=("model", "config", "optimizer", "iter_num"))
-        if ckpt["config"] != gconf.__dict__:
-            raise UserError(f"{ckpt_path} holds a model with config {ckpt['config']}, not {gconf.__dict__}: "
+    if resumed is not None:
+        if resumed["config"] != gconf.__dict__:
+            raise UserError(f"{ckpt_path} holds a model with config {resumed['config']}, not {gconf.__dict__}: "
                             f"resume with the same options, or use another --out_dir")
-        load_weights(ckpt_path, ckpt, "model", model, optimizer)
-        start, history = ckpt["iter_num"], ckpt.get("history", [])
+        load_weights(ckpt_path, resumed, "model", model, optimizer)
+        start, history = resumed["iter_num"], resumed.get("history", [])
         print(f"resuming from {ckpt_path} at iteration {start}")
     model.to(device)
     n_params = model.num_params()
@@ -628,12 +659,23 @@ def train(cfg):
         model.train()
         return float(np.mean(losses))
 
+    clock = dict(at=start, steps=0, seconds=0.0)                         # this run's training steps and their time
+
+    def ms_per_iter():
+        """Mean ms per training step (evaluation left out) of this run; of the resumed run when this one
+        trained none; None when neither measured it (a checkpoint older than the measure)."""
+        if clock["steps"]:
+            return 1000 * clock["seconds"] / clock["steps"]
+        return resumed.get("ms_per_iter") if resumed is not None else None
+
     def save(it):
         raw = getattr(model, "_orig_mod", model)                          # never the compile wrapper
+        ms = ms_per_iter()
         save_atomic(dict(model=raw.state_dict(), config=gconf.__dict__, optimizer=optimizer.state_dict(),
                          iter_num=it, history=history, train_config=cfg,
                          data=dict(dir=cfg["data_dir"], vocab_size=meta["vocab_size"],
-                                   corpus_sha256=meta.get("corpus_sha256"))), ckpt_path)
+                                   corpus_sha256=meta.get("corpus_sha256")),
+                         **({} if ms is None else dict(ms_per_iter=ms))), ckpt_path)  # a user scales times by it
 
     def loss_at(it):
         gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + it)  # the batch depends only on it
@@ -644,6 +686,9 @@ def train(cfg):
     tokens_per_iter = cfg["batch_size"] * gconf.block_size
 
     def log(it, loss, lr, dt):
+        clock["steps"] += it - clock["at"]                               # dt: seconds per step since the last log
+        clock["seconds"] += dt * (it - clock["at"])
+        clock["at"] = it
         print(f"iter {it:5d}/{cfg['max_iters']} | loss {loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms/iter | "
               f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
         history.append(dict(iter=it, train=loss))
@@ -659,7 +704,8 @@ def train(cfg):
              resume_hint=f"Resume with: {resume_command(cfg)}")
     if it == start and start > 0:
         print(f"{ckpt_path} already trained for {start} iterations (--max_iters={cfg['max_iters']})")
-    print(f"training took {fmt_time(time.time() - t0)}")
+    print(f"training took {fmt_time(time.time() - t0)} | pretraining speed {fmt_ms_per_iter(ms_per_iter())} "
+          f"(compare it with another machine's to scale times)")
     if history:
         plot = os.path.join(cfg["out_dir"], "backbone_loss.png")
         save_loss_plot(history, plot, f"backbone pretraining ({n_params / 1e6:.2f}M params)")

@@ -17,6 +17,7 @@ Then every condition of design.md §5 is evaluated on the same held-out episodes
 """
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict
 import sys
 import time
@@ -28,15 +29,16 @@ import torch.nn.functional as F
 
 from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, IGNORE_INDEX
 import train_backbone
-from train_backbone import (MEMORY_ENTRIES, UserError, check_device, check_positive, check_ranges, ensure_data, fit,
-                            fmt_time, greedy_answers, load_backbone, load_checkpoint, load_memory, load_weights,
-                            model_logits, parse_config, presets, run_cli, save_memory, writable_dir)
+from train_backbone import (MEMORY_ENTRIES, UserError, check_backbone_file, check_device, check_memory_file,
+                            check_positive, check_ranges, ensure_data, fit, fmt_ms_per_iter, fmt_time, greedy_answers,
+                            load_backbone, load_checkpoint, load_memory, load_weights, model_logits, parse_config,
+                            presets, run_cli, save_memory, writable_dir)
 from data import tasks
 from data.tasks import exact_match, normalize_answer, score
 
 DEFAULTS = dict(
     preset="cpu",
-    backbone="out/backbone.pt",   # trained first (train_backbone.py) when missing and left at default
+    backbone="",                  # "": <out_dir>/backbone.pt, pretrained there first (train_backbone.py) when missing
     out_dir="out",
     data_dir="data/pydoc",
     task="msqa",                  # msqa | recall | overwrites (recall, keys reassigned in later sessions) | mix
@@ -270,7 +272,7 @@ def train_one(kind, name, gpt, enc, cfg, device):
     torch.manual_seed(cfg["seed"])                                       # the same init whatever ran before
     model = build(kind, gpt, cfg).to(device)                             # (a backbone trained, other memories)
     step = torch.compile(model) if cfg["compile"] else model             # runs the steps; saves use model
-    path = os.path.join(cfg["out_dir"], f"memory_{name}.pt")
+    path = memory_path(cfg, name)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0)
     start, history = 0, []
@@ -865,25 +867,53 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
 # the main job
 # ----------------------------------------------------------------------------------------------
 
-def ensure_backbone(cfg):
-    """Load the backbone; train it first (saying so) when the default checkpoint is missing."""
-    path = cfg["backbone"]
-    ours = path in (DEFAULTS["backbone"], PRESETS.get(cfg["preset"], {}).get("backbone"))
-    args = [f"--preset={cfg['preset']}", f"--out_dir={os.path.dirname(path) or '.'}", f"--data_dir={cfg['data_dir']}"]
+def backbone_path(cfg):
+    """Where the backbone is read from: --backbone, or by default <out_dir>/backbone.pt."""
+    return cfg["backbone"] or os.path.join(cfg["out_dir"], "backbone.pt")
+
+
+def memory_path(cfg, name):
+    """Where a run writes (and resumes, and reuses) the memory `name`."""
+    return os.path.join(cfg["out_dir"], f"memory_{name}.pt")
+
+
+def find_backbone(cfg, defaults=None, column=None, trainable=True):
+    """(path, ours): where the backbone is read from, and whether --backbone was left at the script's
+    default (defaults and column: the script's DEFAULTS and presets, train_memory's unless told), the
+    one backbone it pretrains when missing. trainable=False (a memory to evaluate): it must exist too,
+    since a memory only works on the backbone it was trained with. A missing file is one line."""
+    path = backbone_path(cfg)
+    ours = cfg["backbone"] == {**(defaults or DEFAULTS), **(column or PRESETS).get(cfg["preset"], {})}["backbone"]
     if not os.path.exists(path):
         if not ours:
             raise UserError(f"backbone checkpoint {path} not found: train one with "
                             f"`python train_backbone.py --out_dir={os.path.dirname(path) or '.'}`")
-        print(f"{path} not found: pretraining the backbone first (python train_backbone.py "
-              f"--preset={cfg['preset']})")
+        if not trainable:
+            raise UserError(f"backbone checkpoint {path} not found: pass the one the memory was trained with, "
+                            f"e.g. --backbone=out/backbone.pt (the main job's)")
+    return path, ours
+
+
+def ensure_backbone(cfg, defaults=None, column=None):
+    """(GPT, checkpoint) of the backbone; the default one is pretrained first (saying so) when it is
+    missing, and resumed when its pretraining was interrupted. defaults, column: as find_backbone."""
+    path, ours = find_backbone(cfg, defaults, column)
+    args = [f"--preset={cfg['preset']}", f"--out_dir={os.path.dirname(path) or '.'}", f"--data_dir={cfg['data_dir']}",
+            f"--seed={cfg['seed']}"]                                     # a seed trains its own backbone too
+    if not os.path.exists(path):
+        print(f"backbone: {path} not found: pretraining it now and writing it there "
+              f"(python train_backbone.py {' '.join(args)})")
         train_backbone.train(parse_config(args, train_backbone.DEFAULTS, train_backbone.PRESETS))
     elif ours:                                                           # an interrupted pretraining resumes
         ckpt = load_checkpoint(path, required=("model", "config"))
         done, total = ckpt.get("iter_num", 0), ckpt.get("train_config", {}).get("max_iters", 0)
         if done < total:
-            print(f"{path} stopped at iteration {done} of {total}: resuming its pretraining first")
+            print(f"backbone: {path} stopped at iteration {done} of {total}: resuming its pretraining there first")
             train_backbone.train(parse_config(args + ["--resume"], train_backbone.DEFAULTS, train_backbone.PRESETS))
-    return load_backbone(path)
+    gpt, ckpt = load_backbone(path)
+    print(f"backbone: read from {path} ({ckpt.get('iter_num', '?')} iterations, pretraining speed "
+          f"{fmt_ms_per_iter(ckpt.get('ms_per_iter'))})")
+    return gpt, ckpt
 
 
 def check_config(cfg):
@@ -901,14 +931,56 @@ def check_config(cfg):
         beta_target=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),
         beta_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.01"),
         general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1),
-        read_window_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5")))
+        read_window_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
+        shared_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5")))
     check_device(cfg["device"])
     if cfg["layers"] != "all" and not all(x.strip().isdigit() for x in str(cfg["layers"]).split(",")):
         raise UserError(f"--layers={cfg['layers']} is not valid: use all or comma-separated layer indices, e.g. 0,2")
     for base in [b for b in cfg["baselines"].split(",") if b]:
         if base not in ("lora", "hebbian"):
             raise UserError(f"--baselines: unknown baseline {base!r}; choose from lora, hebbian (or an empty list)")
+    if cfg["eval_only"] and not cfg["memory"]:
+        raise UserError("--eval_only needs --memory=CKPT (and --episodes=FILE.jsonl, or the held-out splits "
+                        "of --episode_preset)")
     memory_config(cfg)                            # MemoryConfig checks the memory's own flags (sizes, choices)
+
+
+def check_memory_path(cfg, path):
+    """A memory checkpoint to read (--memory, or the demo's default): it exists and check_memory_file."""
+    if not os.path.exists(path):
+        fix = ("check --memory (train_memory.py writes <out_dir>/memory_<name>.pt)" if cfg["memory"] else
+               "train one with `python train_memory.py` (or pass --memory=CKPT)")
+        raise UserError(f"memory checkpoint {path} not found: {fix}")
+    check_memory_file(path)
+
+
+def check_files(cfg, defaults=None, column=None):
+    """Every file the command names, checked before any data is prepared or any model trained: it exists,
+    loads without running code and holds the right entries (whether a memory belongs to the backbone
+    needs the backbone: load_memory). defaults, column: as find_backbone.
+    Returns (the episodes of --episodes, the demo's inputs), each None when not asked for."""
+    if cfg["memory"] and not cfg["demo"]:                               # the demo checks the memory it reads
+        check_memory_path(cfg, cfg["memory"])
+    episodes = None
+    if cfg["episodes"]:
+        try:
+            episodes = tasks.load_jsonl(cfg["episodes"])
+        except tasks.TaskFileError as e:
+            raise UserError(str(e)) from None
+    demo_in = demo_inputs(cfg) if cfg["demo"] else None
+    path, _ = find_backbone(cfg, defaults, column, trainable=not (cfg["eval_only"] or cfg["demo"]))
+    if os.path.exists(path):
+        check_backbone_file(path)
+    return episodes, demo_in
+
+
+def memories_to_train(cfg):
+    """[(kind, name)] of the main job: the memory of the flags, then the baselines."""
+    out = [(memory_kind(cfg), condition_name(cfg))]
+    for base in [b for b in cfg["baselines"].split(",") if b]:
+        if not (base == "hebbian" and cfg["update"] == "hebbian"):         # the memory is hebbian already
+            out.append((base, base))
+    return out
 
 
 def check_fits(cfg, gpt):
@@ -920,57 +992,91 @@ def check_fits(cfg, gpt):
         raise UserError(f"--layers={cfg['layers']} --heads={cfg['heads']} --rank={cfg['rank']}: {e}") from None
 
 
+class Timing:
+    """Wall time per stage of a run and the backbone's pretraining speed: the run's last line and
+    results.json's "timing", so a user can scale the times to their machine."""
+
+    def __init__(self):
+        self.start, self.stages, self.backbone_ms_per_iter = time.time(), {}, None
+
+    @contextmanager
+    def stage(self, name):
+        t = time.time()
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + time.time() - t
+
+    def as_dict(self):
+        return dict(backbone_ms_per_iter=self.backbone_ms_per_iter, stages=dict(self.stages),
+                    total=time.time() - self.start)
+
+    def summary(self):
+        stages = " | ".join(f"{name} {fmt_time(s)}" for name, s in self.stages.items())
+        return (f"timing: {stages} | total {fmt_time(time.time() - self.start)}; backbone pretraining speed "
+                f"{fmt_ms_per_iter(self.backbone_ms_per_iter)} (compare it with another machine's to scale times)")
+
+
 def main(argv=None):
+    timing = Timing()
     cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS, PRESETS)
     check_config(cfg)
+    episodes, demo_in = check_files(cfg)                                 # before any work starts
+    if not (cfg["eval_only"] or cfg["demo"]):
+        for _, name in memories_to_train(cfg):                           # what this run would resume or reuse
+            if os.path.exists(memory_path(cfg, name)):
+                check_memory_file(memory_path(cfg, name))
     writable_dir(cfg["out_dir"])
-    demo_in = demo_inputs(cfg) if cfg["demo"] else None                 # bad demo input fails before any loading
     from data.prepare import load_tokenizer
-    ensure_data(cfg["data_dir"])
-    enc = load_tokenizer(cfg["data_dir"])
+    with timing.stage("data"):
+        ensure_data(cfg["data_dir"])
+        enc = load_tokenizer(cfg["data_dir"])
     device = autodetect_device() if cfg["device"] == "auto" else cfg["device"]
     torch.manual_seed(cfg["seed"])
-    gpt, bckpt = ensure_backbone(cfg)
+    with timing.stage("backbone"):
+        gpt, bckpt = ensure_backbone(cfg)
+    timing.backbone_ms_per_iter = bckpt.get("ms_per_iter")
     if gpt.config.vocab_size != enc.n_vocab:
-        raise UserError(f"backbone {cfg['backbone']} has vocabulary {gpt.config.vocab_size} but {cfg['data_dir']} "
-                        f"has {enc.n_vocab}: use the data it was trained on (--data_dir)")
+        raise UserError(f"backbone {backbone_path(cfg)} has vocabulary {gpt.config.vocab_size} but "
+                        f"{cfg['data_dir']} has {enc.n_vocab}: use the data it was trained on (--data_dir)")
     gpt.to(device)
     if cfg["eval_only"]:
-        return eval_only(cfg, enc, gpt, device)
-    if demo_in is not None:
-        return demo(enc, gpt, device, *demo_in)
+        eval_only(cfg, enc, gpt, device, episodes, timing)
+    elif demo_in is not None:
+        demo(enc, gpt, device, *demo_in)
+    else:
+        main_job(cfg, enc, gpt, device, timing)
+    print(timing.summary())
+
+
+def main_job(cfg, enc, gpt, device, timing):
+    """Train the memory and the baselines, evaluate every condition, write results.{json,md,png}."""
     check_fits(cfg, gpt)
     memories = {}
+    for kind, name in memories_to_train(cfg):
+        with timing.stage(name):
+            memories[name] = train_one(kind, name, gpt, enc, cfg, device)
     dm_name = condition_name(cfg)
-    memories[dm_name] = train_one(memory_kind(cfg), dm_name, gpt, enc, cfg, device)
-    for base in [b for b in cfg["baselines"].split(",") if b]:
-        if base not in ("lora", "hebbian"):
-            raise UserError(f"--baselines: unknown baseline {base!r}; choose from lora, hebbian")
-        if base == "hebbian" and cfg["update"] == "hebbian":
-            continue
-        memories[base] = train_one(base, base, gpt, enc, cfg, device)
-    results, per_split, outcomes = evaluate(cfg, enc, gpt, memories, device)
-    shared = evaluate_shared(cfg, enc, gpt, memories, device) if cfg["task"] in ("msqa", "mix") else None
-    general = general_val_loss(cfg, enc, gpt, memories[dm_name], device)
-    write_results(cfg, results, per_split, general, dm_name, outcomes=outcomes, shared=shared)
+    with timing.stage("evaluation"):
+        results, per_split, outcomes = evaluate(cfg, enc, gpt, memories, device)
+        shared = evaluate_shared(cfg, enc, gpt, memories, device) if cfg["task"] in ("msqa", "mix") else None
+        general = general_val_loss(cfg, enc, gpt, memories[dm_name], device)
+    write_results(cfg, results, per_split, general, dm_name, dict(timing=timing.as_dict()), outcomes, shared)
     plot_results(results, os.path.join(cfg["out_dir"], "results.png"))
 
 
-def eval_only(cfg, enc, gpt, device):
-    if not cfg["memory"]:
-        raise UserError("--eval_only needs --memory=CKPT (and --episodes=FILE.jsonl, or the held-out splits "
-                        "of --episode_preset)")
+def eval_only(cfg, enc, gpt, device, episodes, timing):
+    """Evaluate the memory of --memory on the episodes of --episodes (None: the preset's held-out splits)."""
     try:
         model, ckpt = load_memory(cfg["memory"], gpt)
-        episodes = {"file": tasks.load_jsonl(cfg["episodes"])} if cfg["episodes"] else None
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e))
     model.to(device)
     saved = dict(asdict(model.mcfg), write=model.mcfg.write_unit)       # the flag --write is MemoryConfig.write_unit
     name = condition_name(dict(cfg, **{k: v for k, v in saved.items() if k in cfg}))
-    results, per_split, outcomes = evaluate(cfg, enc, gpt, {name: model}, device, episodes)
-    write_results(cfg, results, per_split, None, name, dict(episodes=cfg["episodes"], memory=cfg["memory"]),
-                  outcomes)
+    with timing.stage("evaluation"):
+        results, per_split, outcomes = evaluate(cfg, enc, gpt, {name: model}, device,
+                                                None if episodes is None else {"file": episodes})
+    write_results(cfg, results, per_split, None, name,
+                  dict(episodes=cfg["episodes"], memory=cfg["memory"], timing=timing.as_dict()), outcomes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1016,10 +1122,8 @@ def demo_inputs(cfg):
     ep, questions = parse_sessions(text, name)
     if cfg["demo"] == "-" and not questions:                             # stdin is spent: nothing left to ask from
         raise UserError("--demo=-: put the questions after a line --- in the text you pipe in")
-    path = cfg["memory"] or os.path.join(cfg["out_dir"], f"memory_{condition_name(cfg)}.pt")
-    if not os.path.exists(path):
-        raise UserError(f"memory checkpoint {path} not found: train one with `python train_memory.py` "
-                        f"(or pass --memory=CKPT)")
+    path = cfg["memory"] or memory_path(cfg, condition_name(cfg))
+    check_memory_path(cfg, path)
     return ep, questions, path
 
 

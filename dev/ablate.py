@@ -46,6 +46,7 @@ from data.tasks import exact_match  # noqa: E402
 DEFAULTS = dict(
     TM.DEFAULTS,
     out_dir="out-ablate",
+    backbone="out/backbone.pt",   # the main job's (pretrained there first when missing), not one per sweep
     max_iters=120,                # per cell, as train_memory.py: ~2 min a cell, the 25-cell CPU grid 50 min (measured)
     val_episodes=32,              # the training log's answer accuracy (cheaper than train_memory's 64)
     eval_episodes=16,             # held-out episodes per split, per cell
@@ -63,7 +64,7 @@ DEFAULTS = dict(
     state_beta=1.0,               # ... the fixed write strength β
     state_episodes=1000,          # ... random episodes per point
 )
-PRESETS = presets("ablate")                       # train_backbone.PRESET_TABLE: the memory's, then its own out_dir
+PRESETS = presets("ablate")                       # PRESET_TABLE: the memory's, then its own out_dir and backbone
 # training settings added after sweeps existed: hashed only when set to something else than this value
 # (which changes nothing), so the finished cells of an older sweep keep their names and are skipped
 ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0, "bind_reg": 0.0,
@@ -671,7 +672,7 @@ def setup(cfg):
     train_backbone.ensure_data(cfg["data_dir"])
     enc = load_tokenizer(cfg["data_dir"])
     device = autodetect_device() if cfg["device"] == "auto" else cfg["device"]
-    gpt, _ = TM.ensure_backbone(cfg)
+    gpt, _ = TM.ensure_backbone(cfg, DEFAULTS, PRESETS)
     if gpt.config.vocab_size != enc.n_vocab:
         raise UserError(f"backbone {cfg['backbone']} has vocabulary {gpt.config.vocab_size} but {cfg['data_dir']} "
                         f"has {enc.n_vocab}: use the data it was trained on (--data_dir)")
@@ -719,6 +720,7 @@ def main(argv=None):
             raise UserError(f"{csv_path} has no finished rows yet: run the sweep first (without --plots)")
         return draw_all(cfg, csv_path)
     cells = make_cells(cfg, axes)
+    TM.check_files(cfg, DEFAULTS, PRESETS)                               # --memory, --backbone: before any work
     enc, gpt, device = setup(cfg)
     for c in cells:
         TM.check_fits(c, gpt)                                            # layers and heads x rank fit the backbone

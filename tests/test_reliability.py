@@ -1,12 +1,15 @@
 """Reliability: runs killed mid-way resume to the same weights, flags are range-checked, corrupt files
 are named in one line, a seed fixes the results, hand-written episodes are handled or refused."""
+import glob
 import json
 import re
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -255,6 +258,29 @@ def test_every_kind_of_checkpoint_the_project_writes_holds_only_plain_values(dat
         assert plain(ckpt) and "optimizer" in ckpt and "history" in ckpt, p.name   # the full training checkpoints
 
 
+def test_the_summary_and_results_give_each_stages_time_and_the_backbones_speed(data_dir, backbone, tmp_path, capsys):
+    bb = TB.train(TB.parse_config(backbone_args(data_dir, tmp_path, "--max_iters=5", "--block_size=128"),
+                                  TB.DEFAULTS, TB.PRESETS))
+    ms = torch.load(bb, weights_only=True)["ms_per_iter"]
+    assert isinstance(ms, float) and ms > 0
+    assert f"pretraining speed {ms:.0f} ms/iter" in capsys.readouterr().out    # train_backbone.py's summary
+    TM.main(memory_args(data_dir, bb, tmp_path, "--max_iters=2", "--baselines=lora"))
+    timing = json.loads((tmp_path / "results.json").read_text())["timing"]
+    assert timing["backbone_ms_per_iter"] == ms
+    assert list(timing["stages"]) == ["data", "backbone", "deltamem", "lora", "evaluation"]
+    assert min(timing["stages"].values()) >= 0 and timing["total"] >= sum(timing["stages"].values())
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("timing: data ") and f"pretraining speed {ms:.0f} ms/iter" in last
+    # a backbone saved before the measure existed: its speed is unknown, not guessed
+    mem = tmp_path / "memory.pt"
+    save_memory(DeltaMemGPT(load_backbone(backbone)[0], MemoryConfig(rank=4)), str(mem))
+    TM.main(memory_args(data_dir, backbone, tmp_path / "old", "--eval_only", f"--memory={mem}", "--episode_preset=tiny"))
+    timing = json.loads((tmp_path / "old" / "results.json").read_text())["timing"]
+    assert timing["backbone_ms_per_iter"] is None and list(timing["stages"]) == ["data", "backbone", "evaluation"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(
+        "pretraining speed unknown (compare it with another machine's to scale times)")
+
+
 @pytest.mark.parametrize("ckpt,says", [
     (dict(model=0, config={}), "'model' is int, expected dict of tensors"),
     (dict(model={"w": 0}, config={}), "'model' is dict, expected dict of tensors"),
@@ -336,6 +362,116 @@ def test_backbone_flags_are_range_checked(flag, valid, tmp_path):
     # a nonexistent data dir: a flag that slipped through fails on the data, never trains the default backbone
     msg = one_line_error("train_backbone.py", [f"--out_dir={tmp_path}", "--data_dir=/nonexistent", flag])
     assert flag.split("=")[0] in msg and valid in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# a mistake in a file the command names is refused before any data is prepared or any model trained
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def clone(tmp_path):
+    """A folder holding only the repository's code, as a fresh clone does: no data/pydoc, no out/."""
+    (tmp_path / "data").mkdir()
+    for pattern in ("*.py", "data/*.py"):
+        for f in glob.glob(os.path.join(ROOT, pattern)):
+            shutil.copy(f, tmp_path / os.path.relpath(f, ROOT))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def memory_file(gpt, tmp_path_factory):
+    """A memory checkpoint with every entry right (for another backbone: that needs the backbone to see)."""
+    path = tmp_path_factory.mktemp("memory") / "memory.pt"
+    save_memory(DeltaMemGPT(gpt, MemoryConfig()), str(path))
+    return path
+
+
+def refused_at_once(folder, script, *args, stdin=None):
+    """`python script args` in folder: exit 2 with one line `error: ...`, having printed nothing else,
+    prepared no data and made no out/ (the 30 s is a loose bound: preparing and pretraining take minutes)."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, script, *args], cwd=folder, env=ENV, input=stdin, capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert r.stdout == "" and not (folder / "data" / "pydoc").exists() and not (folder / "out").exists()
+    assert time.time() - t0 < 30
+    return lines[0]
+
+
+def test_a_missing_memory_is_refused_before_any_work(clone):
+    msg = refused_at_once(clone, "train_memory.py", "--eval_only", "--memory=none.pt", "--episodes=bad.jsonl")
+    assert "memory checkpoint none.pt not found" in msg
+
+
+def test_eval_only_without_a_memory_is_refused_before_any_work(clone):
+    assert "--eval_only needs --memory=CKPT" in refused_at_once(clone, "train_memory.py", "--eval_only")
+
+
+def test_a_missing_episode_file_is_refused_before_any_work(clone, memory_file):
+    msg = refused_at_once(clone, "train_memory.py", "--eval_only", f"--memory={memory_file}", "--episodes=none.jsonl")
+    assert "none.jsonl: cannot read episode file" in msg
+
+
+def test_a_malformed_episode_file_is_refused_before_any_work(clone, memory_file):
+    (clone / "eps.jsonl").write_text('{"sessions": [["a"]], "questions": [{"q": "x?", "a": "y"}]}\n')
+    msg = refused_at_once(clone, "train_memory.py", "--eval_only", f"--memory={memory_file}", "--episodes=eps.jsonl")
+    assert "eps.jsonl:1:" in msg and "'family'" in msg
+
+
+def test_evaluating_without_the_memorys_backbone_is_refused_before_any_work(clone, memory_file):
+    # the default backbone is pretrained when missing, but a memory only works on the one it was trained on
+    msg = refused_at_once(clone, "train_memory.py", "--eval_only", f"--memory={memory_file}")
+    assert "backbone checkpoint out/backbone.pt not found: pass the one the memory was trained with" in msg
+
+
+def test_a_missing_demo_file_is_refused_before_any_work(clone):
+    assert "--demo=none.txt: cannot read it" in refused_at_once(clone, "train_memory.py", "--demo=none.txt")
+
+
+@pytest.mark.parametrize("text,says", [("\n\n---\nwhat?\n", "demo.txt has no chat lines"),
+                                       ("Mia: Alice lives in Oslo.\n---\nWhere?\n", "out/memory_deltamem.pt not found")])
+def test_bad_demo_input_is_refused_before_any_work(clone, text, says):
+    (clone / "demo.txt").write_text(text)
+    assert says in refused_at_once(clone, "train_memory.py", "--demo=demo.txt")
+
+
+def test_a_missing_backbone_given_is_refused_before_any_work(clone):
+    msg = refused_at_once(clone, "train_memory.py", "--backbone=none.pt")
+    assert "backbone checkpoint none.pt not found" in msg
+
+
+def test_a_memory_that_would_run_code_is_refused_before_any_work(clone):
+    torch.save({"memory": {}, "mem_config": {}, "backbone_hash": "0", "note": MakesAFile(str(clone / "CANARY"))},
+               clone / "evil.pt")
+    msg = refused_at_once(clone, "train_memory.py", "--eval_only", "--memory=evil.pt")
+    assert "evil.pt holds objects that loading would have to run code for" in msg
+    assert not (clone / "CANARY").exists()
+
+
+@pytest.mark.parametrize("flag,ckpt,says", [
+    ("--memory", dict(memory=0, mem_config={}, backbone_hash="0"), "'memory' is int, expected dict of tensors"),
+    ("--memory", dict(model={}, config={}), "missing memory, mem_config, backbone_hash"),
+    ("--memory", dict(memory={}, mem_config={"ranks": 4}, backbone_hash="0"), "does not fit this code"),
+    ("--backbone", dict(model={}, config={"n_layers": 2}), "does not fit this code"),
+    ("--backbone", dict(model={}), "missing config"),
+])
+def test_a_checkpoint_with_wrong_entries_is_refused_before_any_work(clone, flag, ckpt, says):
+    torch.save(ckpt, clone / "x.pt")
+    msg = refused_at_once(clone, "train_memory.py", f"{flag}=x.pt", *(["--eval_only"] if flag == "--memory" else []))
+    assert msg.startswith("error: x.pt ") and says in msg
+
+
+def test_a_corrupt_memory_to_resume_is_refused_before_any_work(clone):
+    (clone / "run").mkdir()
+    (clone / "run" / "memory_lora.pt").write_bytes(b"half a checkpoint")     # the second memory the job trains
+    msg = refused_at_once(clone, "train_memory.py", "--out_dir=run")
+    assert "run/memory_lora.pt is corrupt or truncated" in msg
+
+
+def test_resuming_a_backbone_that_is_not_there_is_refused_before_any_work(clone):
+    msg = refused_at_once(clone, "train_backbone.py", "--resume")
+    assert "--resume: no checkpoint at out/backbone.pt" in msg
 
 
 # ----------------------------------------------------------------------------------------------

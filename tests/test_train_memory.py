@@ -243,8 +243,11 @@ def test_every_preset_finds_its_backbone_where_train_backbone_writes_it():
     for name in TM.PRESETS:
         mem = TB.parse_config([f"--preset={name}"], TM.DEFAULTS, TM.PRESETS)
         bb = TB.parse_config([f"--preset={name}"], TB.DEFAULTS, TB.PRESETS)
-        assert mem["backbone"] == f"{bb['out_dir']}/backbone.pt"
-        assert TB.parse_config([f"--preset={name}"], ablate.DEFAULTS, ablate.PRESETS)["backbone"] == mem["backbone"]
+        assert TM.backbone_path(mem) == f"{bb['out_dir']}/backbone.pt"
+        sweep = TB.parse_config([f"--preset={name}"], ablate.DEFAULTS, ablate.PRESETS)
+        assert sweep["backbone"] == TM.backbone_path(mem)                  # the sweeps read the main job's backbone
+        moved = TB.parse_config([f"--preset={name}", "--out_dir=elsewhere"], TM.DEFAULTS, TM.PRESETS)
+        assert TM.backbone_path(moved) == "elsewhere/backbone.pt"           # the backbone follows --out_dir
     long = TB.parse_config(["--preset=cpu_long"], TM.DEFAULTS, TM.PRESETS)
     assert TM.condition_name(long) == "deltamem_deltanet" and TM.memory_config(long).key_conv == 4
 
