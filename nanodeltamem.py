@@ -54,6 +54,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False       # biases in Linear and LayerNorm layers
+    smear_keys: int = 1      # K > 1: each attention key also sees the K-1 tokens before it (CausalSelfAttention)
 
 
 class CausalSelfAttention(nn.Module):
@@ -64,6 +65,11 @@ class CausalSelfAttention(nn.Module):
         out = W_o Attn(Q, K, V) + do
     cache: None, or a dict that keeps this layer's K and V for decoding (greedy answers): a prompt fills
     it, then each new token attends to everything before it without recomputing it.
+
+    smear_keys = K > 1 smears the keys (Olsson et al. 2022): K_t = Σ_{j<K} c_j ∘ (W_k h)_{t-j}, a causal
+    depthwise convolution with c_0 = 1 and the rest 0 at init (so it starts as plain attention). Why: to
+    find "the value that followed Alice", a head needs keys that know the token before them; smeared
+    keys give that in one layer, where plain attention must first learn a previous-token head.
     """
 
     def __init__(self, cfg):
@@ -75,6 +81,22 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # W_v
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # W_o
         self.dropout = cfg.dropout
+        self.smear_c = None                                              # (K, C) the smear c_j
+        if cfg.smear_keys > 1:
+            self.smear_c = nn.Parameter(torch.zeros(cfg.smear_keys, cfg.n_embd))
+            with torch.no_grad():
+                self.smear_c[0] = 1.0
+
+    def smear(self, k, cache=None):
+        """Σ_j c_j ∘ k_{t-j} over k (B, T, C), the tokens before the first one read from the cache's
+        last K-1 raw keys (zeros at the start of a sequence)."""
+        K = self.smear_c.size(0)
+        past = cache["k_raw"] if cache is not None and "k_raw" in cache else k.new_zeros(k.size(0), K - 1, k.size(2))
+        full = torch.cat([past, k], 1)                                   # (B, K-1+T, C)
+        if cache is not None:
+            cache["k_raw"] = full[:, -(K - 1):]                          # for the next token
+        T = k.size(1)
+        return sum(c * full[:, K - 1 - j:K - 1 - j + T] for j, c in enumerate(self.smear_c))  # (B, T, C)
 
     def forward(self, h, dq=None, do=None, cache=None):
         B, T, C = h.shape
@@ -82,6 +104,8 @@ class CausalSelfAttention(nn.Module):
         if dq is not None:
             q = q + dq                                                   # low-rank query correction
         k, v = self.k_proj(h), self.v_proj(h)                            # (B, T, C) each: untouched
+        if self.smear_c is not None:
+            k = self.smear(k, cache)                                     # (B, T, C) smeared keys
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:                                            # decoding: prepend the earlier
             if "k" in cache:                                             # tokens' keys and values

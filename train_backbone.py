@@ -1,7 +1,8 @@
 """
 Pretrain the backbone GPT on the prepared mix (corpus + task-format documents).
 
-    python train_backbone.py                      # cpu preset: 4 layers, width 128, block 256
+    python train_backbone.py                      # cpu preset: 4 layers, width 128, block 256, smeared keys
+    python train_backbone.py --smear_keys=1       # plain attention (nanoGPT's): it recalls pairs at 1/N
     python train_backbone.py --preset=gpu         # 6 layers, width 384, block 512
     python train_backbone.py --max_iters=200 --out_dir=out-small
     python train_backbone.py --resume             # continue from <out_dir>/backbone.pt
@@ -36,7 +37,7 @@ DEFAULTS = dict(
     device="auto",              # auto: cuda > mps > cpu
     compile=False,
     # model
-    n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0,
+    n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0, smear_keys=4,
     # optimisation
     batch_size=16, max_iters=1500, learning_rate=6e-3, min_lr=1e-3, warmup_iters=100,
     weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
@@ -69,7 +70,7 @@ def presets(script):
 
 
 PRESETS = presets("backbone")
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "smear_keys")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -376,10 +376,14 @@ def test_chunkwise_long_chunk_of_strong_decay_stays_finite():
                                                                          # that alone is off by up to 6e-4
 
 
-@pytest.mark.parametrize("with_memory", [False, True, "lora"])
-def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory):
+@pytest.mark.parametrize("with_memory,smear", [(False, 1), (True, 1), ("lora", 1), (False, 3), (True, 3)])
+def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, smear):
     # prompt of 6 tokens into the cache, then 4 tokens one at a time: the same logits as one full pass
-    gpt = tiny_gpt().eval()
+    gpt = tiny_gpt(smear_keys=smear).eval()
+    if smear > 1:
+        with torch.no_grad():
+            for block in gpt.blocks:
+                block.attn.smear_c.normal_(0, 0.5)                       # a smear that matters
     model = gpt
     if with_memory:
         if with_memory == "lora":
@@ -547,3 +551,15 @@ def bind_by_name_toy(key_conv, steps=300, n_pairs=4, seed=0):
 def test_a_memory_binds_by_name_only_when_its_keys_see_the_name():
     assert bind_by_name_toy(key_conv=2) > 0.9                            # the key at a value mixes in its name
     assert bind_by_name_toy(key_conv=1) < 0.4                            # name hidden from the keys: ~1/N at best
+
+
+def test_smeared_keys_start_as_plain_attention_and_see_the_tokens_before():
+    idx = torch.randint(64, (2, 12), generator=torch.Generator().manual_seed(0))
+    plain, smeared = tiny_gpt(seed=3), tiny_gpt(seed=3, smear_keys=4)
+    with torch.no_grad():
+        assert_close("smeared at init", smeared(idx)[0], plain(idx)[0], atol=0)  # c_0 = 1, the rest 0
+        attn = smeared.blocks[0].attn
+        attn.smear_c.zero_()
+        attn.smear_c[2] = 1.0                                            # K_t = (W_k h)_{t-2}
+        k = torch.randn(1, 5, 32)
+        assert_close("two back", attn.smear(k), torch.cat([torch.zeros(1, 2, 32), k[:, :3]], 1), atol=0)
