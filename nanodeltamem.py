@@ -3,7 +3,8 @@ nanodeltamem: the smallest complete delta-rule memory (δ-mem, arXiv 2605.12357)
 
 Read this file top to bottom, small to large:
 
-  1. the backbone      a nanoGPT-style transformer; its attention shows where corrections enter
+  1. the backbone      a nanoGPT-style transformer (with smeared keys); its attention shows where
+                       corrections enter
   2. the delta rule    the memory's update, as a token loop and as a chunkwise-parallel scan
   3. the memory        one small online associative memory per attention layer
   4. the wrapper       freeze a trained GPT, attach memories, stream a history, ask questions
@@ -24,6 +25,7 @@ Symbols, as the code names them:
   read        S_{t-1} q_t, what a token reads (before its own write), turned into dq and do
   dq, do      low-rank corrections added to the attention query and output (the sides, "qo")
   W, L, Q     history windows per episode, tokens per window, questions per episode (batches)
+  c_j         the backbone's key smear: attention key K_t = Σ_j c_j ∘ (W_k h)_{t-j} (smear_keys = K taps)
 
 How it differs from FLA's naive reference (fla/ops/delta_rule/naive.py, naive_recurrent_gated_delta_rule):
 FLA stores Sᵀ (d_k x r), scales q by d_k^-0.5 and reads after writing (o_t = S_t q_t); here S is r x d_k,
