@@ -92,12 +92,13 @@ class CausalSelfAttention(nn.Module):
     def smear(self, k, cache=None):
         """Σ_j c_j ∘ k_{t-j} over k (B, T, C), the tokens before the first one read from the cache's
         last K-1 raw keys (zeros at the start of a sequence)."""
-        K = self.smear_c.size(0)
-        past = cache["k_raw"] if cache is not None and "k_raw" in cache else k.new_zeros(k.size(0), K - 1, k.size(2))
+        (B, T, C), K = k.shape, self.smear_c.size(0)
+        past = cache.get("k_raw") if cache is not None else None         # (B, K-1, C) the tokens before
+        if past is None:
+            past = k.new_zeros(B, K - 1, C)                              # nothing before a sequence's start
         full = torch.cat([past, k], 1)                                   # (B, K-1+T, C)
         if cache is not None:
             cache["k_raw"] = full[:, -(K - 1):]                          # for the next token
-        T = k.size(1)
         return sum(c * full[:, K - 1 - j:K - 1 - j + T] for j, c in enumerate(self.smear_c))  # (B, T, C)
 
     def forward(self, h, dq=None, do=None, cache=None):

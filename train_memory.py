@@ -530,8 +530,8 @@ def diagnose(model, enc, episodes, device):
             same_sep.append(key_separation(k[b, :, pos], slots, kinds))
             margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a) for _, at, a in asked]
             same_margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a, kinds) for _, at, a in asked]
-        mean = lambda xs: float(np.mean([x.item() for x in xs if x is not None])) if any(
-            x is not None for x in xs) else None
+        given = lambda xs: [x.item() for x in xs if x is not None]      # None: an episode without such rivals
+        mean = lambda xs: float(np.mean(given(xs))) if given(xs) else None
         out[i] = dict(retention_mean=float(np.mean(ret)) if ret else None,
                       retention_min=float(np.min(ret)) if ret else None, key_sep=mean(sep), margin=mean(margin),
                       same_sep=mean(same_sep), same_margin=mean(same_margin))
@@ -816,11 +816,9 @@ def ratios(results, dm_name, budget, outcomes=None):
     return out
 
 
-def write_results(cfg, results, per_split, general, dm_name, extra=None, outcomes=None, shared=None):
+def write_results(cfg, results, per_split, general, dm_name, extra=None, outcomes=None):
     out = dict(conditions=results, per_split=per_split, general_val_loss=general,
                ratios=ratios(results, dm_name, cfg["eval_read_window"], outcomes), config=cfg, **(extra or {}))
-    if shared is not None:
-        out["shared"] = shared
     path = os.path.join(cfg["out_dir"], "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
@@ -852,9 +850,9 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
           "---|" * len(per_split) + "\n"
     for name in results:
         md += f"| {name} | " + " | ".join(f"{per_split[s][name]:.2f}" for s in per_split) + " |\n"
-    if shared is not None:
+    if "shared" in out:                                                  # evaluate_shared's table
         md += ("\nBy the person: EM when N people share one attribute (held-out episodes, one question per "
-               "person; 0 history tokens unless the name says full context):\n\n" + shared_table(shared))
+               "person; 0 history tokens unless the name says full context):\n\n" + shared_table(out["shared"]))
     tmp = os.path.join(cfg["out_dir"], "results.md.tmp")
     with open(tmp, "w") as f:                                            # atomic: tmp file, then rename
         f.write(md)
@@ -1059,7 +1057,8 @@ def main_job(cfg, enc, gpt, device, timing):
         results, per_split, outcomes = evaluate(cfg, enc, gpt, memories, device)
         shared = evaluate_shared(cfg, enc, gpt, memories, device) if cfg["task"] in ("msqa", "mix") else None
         general = general_val_loss(cfg, enc, gpt, memories[dm_name], device)
-    write_results(cfg, results, per_split, general, dm_name, dict(timing=timing.as_dict()), outcomes, shared)
+    extra = dict(timing=timing.as_dict(), **({} if shared is None else dict(shared=shared)))
+    write_results(cfg, results, per_split, general, dm_name, extra, outcomes)
     plot_results(results, os.path.join(cfg["out_dir"], "results.png"))
 
 
