@@ -267,6 +267,18 @@ def read_window_at(it, cfg):
     return cfg["read_window"] if int((it + 1) * share) > int(it * share) else 0
 
 
+def step_inputs(enc, cfg, it, block_size, corpus=None):
+    """Training step `it`'s inputs, a function of `it` alone (a resume sees the same batches): the collated
+    episodes, and episode_loss's general / sites / context for the recipe's terms that are switched on."""
+    rng = np.random.default_rng([cfg["seed"], it])
+    eps = sample_episodes(rng, cfg, cfg["batch_size"])
+    batch = tasks.collate_episodes(enc, eps, block_size, enc.eot_token, read_window_at(it, cfg))
+    general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
+    sites = binding_sites(enc, eps, batch, block_size) if cfg["bind_reg"] > 0 else None
+    context = context_rows(enc, eps, block_size, enc.eot_token) if cfg["context_reg"] > 0 else None
+    return batch, dict(general=general, sites=sites, context=context)
+
+
 def train_one(kind, name, gpt, enc, cfg, device):
     """Train one memory (or the LoRA baseline); resumes from / reuses <out_dir>/memory_<name>.pt."""
     torch.manual_seed(cfg["seed"])                                       # the same init whatever ran before
@@ -292,7 +304,6 @@ def train_one(kind, name, gpt, enc, cfg, device):
         print(f"[{name}] resuming from {path} at iteration {start}")
     t, f = model.param_counts()
     print(f"[{name}] training {t:,} parameters ({100 * t / (t + f):.2f}% of {t + f:,}); backbone frozen")
-    pad = enc.eot_token
     corpus = CorpusRows(cfg["data_dir"]) if cfg["general_reg"] > 0 else None
     val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7),   # the same for every recipe
                               dict(cfg, dense_questions=False, shared_share=0.0), cfg["val_episodes"], split="train")
@@ -308,18 +319,13 @@ def train_one(kind, name, gpt, enc, cfg, device):
         print(f"[{name}] at init: {diagnosis_line(diagnose(model, enc, val_eps + val_shared, device))}", flush=True)
 
     def loss_at(it):
-        rng = np.random.default_rng([cfg["seed"], it])                   # the batch depends only on it
-        eps = sample_episodes(rng, cfg, cfg["batch_size"])
-        batch = tasks.collate_episodes(enc, eps, gpt.config.block_size, pad, read_window_at(it, cfg))
+        batch, extra = step_inputs(enc, cfg, it, gpt.config.block_size, corpus)
         if batch["qx"].size(-1) > gpt.config.block_size:
             raise UserError(f"[{name}] a question of {batch['qx'].size(-1)} tokens (with --read_window="
                             f"{cfg['read_window']}) does not fit the backbone's block_size="
                             f"{gpt.config.block_size}: use a smaller --read_window or a larger backbone")
         model.train()
-        general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
-        sites = binding_sites(enc, eps, batch, gpt.config.block_size) if cfg["bind_reg"] > 0 else None
-        context = context_rows(enc, eps, gpt.config.block_size, pad) if cfg["context_reg"] > 0 else None
-        return episode_loss(step, batch, cfg, device, general, sites, context)
+        return episode_loss(step, batch, cfg, device, **extra)
 
     def log(it, loss, lr, dt):
         acc, abst = answer_accuracy(model, enc, val_eps, cfg, device)
