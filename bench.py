@@ -357,7 +357,7 @@ DEFAULTS = dict(T="256,1024,4096", repeats=3, chunk_size=0, quick=False, compile
 
 
 def parse(argv):
-    from train_backbone import UserError, check_device, check_positive, parse_config
+    from data.config import UserError, check_device, parse_config
     args = parse_config(argv, DEFAULTS)
     try:
         args["T"] = tuple(int(t) for t in args["T"].split(","))

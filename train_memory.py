@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, IGNORE_INDEX
 import train_backbone
-from train_backbone import (MEMORY_ENTRIES, UserError, check_backbone_file, check_device, check_memory_file,
-                            check_positive, check_ranges, ensure_data, fit, fmt_ms_per_iter, fmt_time, greedy_answers,
-                            load_backbone, load_checkpoint, load_memory, load_weights, model_logits, parse_config,
-                            presets, run_cli, save_memory, writable_dir)
+from train_backbone import (MEMORY_ENTRIES, check_backbone_file, check_memory_file, ensure_data, fit, fmt_ms_per_iter,
+                            fmt_time, greedy_answers, load_backbone, load_checkpoint, load_memory, load_weights,
+                            model_logits, presets, run_cli, save_memory, writable_dir)
 from data import tasks
+from data.config import UserError, check_device, check_positive, check_ranges, parse_config
 from data.tasks import exact_match, normalize_answer, score
 
 DEFAULTS = dict(

@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from data import tasks  # noqa: E402  (sibling module: synthetic episodes, design §4)
+from data.config import UserError, parse_config  # noqa: E402  (the project's one flag parser)
 
 # -----------------------------------------------------------------------------
 # settings that define the generated data (recorded in meta.json; data rebuilds when they or the code change)
@@ -549,7 +550,6 @@ DEFAULTS = dict(corpus="pydoc", tokenizer="bpe", vocab_size=1024, task_share=0.9
 
 
 def parse_args(argv):
-    from train_backbone import parse_config                              # the project's one flag parser
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__.strip())
         sys.exit(0)
@@ -558,12 +558,13 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    from train_backbone import UserError
+    # its own one-line errors: run as a script, DataError is __main__'s, not the data.prepare one that the
+    # scripts' run_cli catches (and the data layer imports no script)
     try:
         prepare(**parse_args(sys.argv[1:] if argv is None else argv))
-    except (DataError, UserError) as e:                                  # run as a script, DataError is
-        print(f"error: {e}", file=sys.stderr)                            # __main__'s, not data.prepare's:
-        sys.exit(2)                                                      # so not train_backbone.run_cli
+    except (DataError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import train_memory as TM  # noqa: E402
 from nanodeltamem import DeltaMemGPT, MemoryConfig, autodetect_device, delta_rule_scan  # noqa: E402
-from train_backbone import (UserError, fmt_time, load_checkpoint, load_memory, parse_config, presets, run_cli,
-                            writable_dir)  # noqa: E402
+from train_backbone import fmt_time, load_checkpoint, load_memory, presets, run_cli, writable_dir  # noqa: E402
 from data import tasks  # noqa: E402
+from data.config import UserError, check_positive, parse_config  # noqa: E402
 from data.tasks import exact_match  # noqa: E402
 
 DEFAULTS = dict(
@@ -145,7 +145,7 @@ def make_cells(cfg, axes):
         cell["write"] = "token" if cell["write_axis"] == "msw" else cell["write_axis"]
         if cell["write_axis"] == "msw":
             cell["heads"] = cfg["msw_heads"]
-        TM.check_positive(cell, ("key_dim", "rank", "heads", "key_conv"))
+        check_positive(cell, ("key_dim", "rank", "heads", "key_conv"))
         TM.memory_config(cell)                                           # invalid sides/update: one-line error
         cell["cell"] = cell_name(cell)
         cells.append(cell)
@@ -704,7 +704,7 @@ def work(cfg, cells, enc, gpt, device):
 
 def main(argv=None):
     cfg, axes = parse_args(sys.argv[1:] if argv is None else argv)
-    TM.check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval"))
+    check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval"))
     if cfg["results"]:
         return plot_families(cfg["results"], os.path.splitext(cfg["results"])[0] + "_families.png")
     writable_dir(cfg["out_dir"])

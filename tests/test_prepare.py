@@ -318,6 +318,22 @@ def run_script(*args):
                           timeout=60)
 
 
+def test_the_data_layer_imports_no_script():
+    """data/ stands below the scripts: no module in it imports a script or a tool, at its top or inside
+    a function (the flag parser it needs is data.config)."""
+    import ast
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scripts = {"train_backbone", "train_memory", "dev", "bench"}
+    for path in glob.glob(os.path.join(root, "data", "*.py")):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad = [n for n in names if n.split(".")[0] in scripts]
+            assert not bad, f"{os.path.relpath(path, root)}:{node.lineno} imports {bad[0]}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args,expect", [
     (["--corpus=no_such_corpus_or_file"], "unknown corpus"),
