@@ -76,7 +76,7 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "smear_key
 
 # ----------------------------------------------------------------------------------------------
 # shared by every script: the training loop, checkpoints, greedy answers (the flag parser and its
-# one-line errors: data/config.py). train_memory.py, dev/ablate.py and bench.py import these
+# one-line errors: data/config.py). train_memory.py, dev/ablate.py and dev/bench.py import these
 # ----------------------------------------------------------------------------------------------
 
 def writable_dir(path):

@@ -1,10 +1,10 @@
-"""bench.py's bookkeeping (never its timings): the peak-memory counter, the answering prompts, bench.json."""
+"""dev/bench.py's bookkeeping (never its timings): the peak-memory counter, the answering prompts, bench.json."""
 import json
 
 import pytest
 import torch
 
-import bench
+from dev import bench
 
 
 def test_peak_mib_counts_live_tensors_at_their_peak():

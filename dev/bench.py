@@ -9,11 +9,11 @@ What the memory costs, measured side by side and reported as ratios (one run, on
   4. memory     the peak extra memory of every measured call (see peak_mib)
   5. decode     per-token greedy generation latency with the memory attached vs the bare backbone
 
-    python bench.py                     # the full run (~70 s on 2 CPU cores, ~30 s on an H200)
-    python bench.py --quick             # a seconds-long smoke run (tiny sizes, numbers not meaningful)
-    python bench.py --T=1024 --repeats=5 --out=bench.json
-    python bench.py --preset=gpu --chunk_size=32    # another preset's sizes, another chunk
-    python bench.py --compile           # the training step (part 2) with torch.compile'd models
+    python dev/bench.py                 # the full run (~70 s on 2 CPU cores, ~30 s on an H200)
+    python dev/bench.py --quick         # a seconds-long smoke run (tiny sizes, numbers not meaningful)
+    python dev/bench.py --T=1024 --repeats=5 --out=bench.json
+    python dev/bench.py --preset=gpu --chunk_size=32    # another preset's sizes, another chunk
+    python dev/bench.py --compile       # the training step (part 2) with torch.compile'd models
 
 Models have the sizes of the device's preset (--preset=auto: gpu on CUDA, else cpu; the cpu preset is 4
 layers, 4 heads, width 128, block 256; the gpu preset 6 layers, 6 heads, width 384, block 512; vocabulary
@@ -32,7 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, IGNORE_INDEX, delta_rule_scan
+# run as `python dev/bench.py`, sys.path[0] is dev/; put the repo root first so the project imports
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from nanodeltamem import GPT, GPTConfig, DeltaMemGPT, IGNORE_INDEX, delta_rule_scan  # noqa: E402
 
 def sizes(preset="cpu", chunk_size=None):
     """(backbone, memory): train_backbone's model shape and train_memory's config of `preset` (cpu or gpu),
