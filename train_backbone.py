@@ -8,7 +8,9 @@ Pretrain the backbone GPT on the prepared mix (corpus + task-format documents).
     python train_backbone.py --resume             # continue from <out_dir>/backbone.pt
 
 Any config key below can be overridden with --key=value. nanoGPT's anatomy: config, data, model,
-optimizer, a training loop with periodic evaluation and checkpoints, then a short report.
+optimizer, a training loop with periodic evaluation and checkpoints, then a short report. One marked
+block, SHARED TRAINING PIECES (the loop fit, checkpoints, greedy answers), is what train_memory.py and the
+tools in dev/ import; the rest is this script's own.
 """
 import math
 import os
@@ -74,10 +76,16 @@ PRESETS = presets("backbone")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "smear_keys")
 
 
-# ----------------------------------------------------------------------------------------------
-# shared by every script: the training loop, checkpoints, greedy answers (the flag parser and its
-# one-line errors: data/config.py). train_memory.py, dev/ablate.py and dev/bench.py import these
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
+# SHARED TRAINING PIECES: the API that train_memory.py, dev/ablate.py and dev/bench.py import (with
+# PRESET_TABLE / presets above; the flag parser and UserError are data/config.py's). Below the block,
+# everything is this script's own (train_memory.py calls its train() to pretrain a missing backbone).
+#   running a script   run_cli, ensure_data, writable_dir, fmt_time, fmt_ms_per_iter
+#   the one loop       fit (lr_at, GracefulStop): the backbone's and every memory's
+#   checkpoints        save_atomic, load_checkpoint, load_weights, check_backbone_file, check_memory_file,
+#                      load_backbone, save_memory, load_memory (MEMORY_ENTRIES)
+#   answers            greedy_answers, model_logits
+# ==============================================================================================
 
 def writable_dir(path):
     try:
@@ -362,10 +370,10 @@ def greedy_answers(logits_fn, prompts, enc, max_new_tokens=6, batch_size=64):
     return out
 
 
-
-# ----------------------------------------------------------------------------------------------
-# the backbone: how to resume it, and what it learned (its report after training)
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
+# (end of the shared training pieces) the backbone script's own from here on: how to resume it,
+# what it learned (its report after training), then its training
+# ==============================================================================================
 
 def resume_command(cfg):
     """The command line that resumes this run: every option that differs from its default, plus --resume."""
