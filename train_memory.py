@@ -2,18 +2,25 @@
 Freeze the backbone, attach δ-mem, train only the memory, and judge it against every baseline.
 
     python train_memory.py                        # the main job: data, backbone, memories, results
-    python train_memory.py --preset=cpu_long      # ~1 hour on a CPU: a backbone and memory that bind
+    python train_memory.py --preset=cpu_long      # 2x backbone steps, 1500 memory steps, deltanet rule
     python train_memory.py --write=segment --heads=4 --out_dir=out-msw
     python train_memory.py --eval_only --memory=out/memory_deltamem.pt --episodes=my.jsonl
     python train_memory.py --demo=my_sessions.txt   # your own chat; questions after a line ---, or typed
 
-An episode is a history (dated chat sessions) plus questions. Training, per batch of episodes:
+An episode is a history (dated chat sessions) plus questions. A training step, per batch of episodes:
   1. write pass: stream every history window through the frozen GPT with writes on; the state runs
      through all windows, gradients flow back through every write (BPTT);
-  2. read pass: writes off, the context is only "Q: ...\\nA:" (plus optionally the last W history
-     tokens); cross-entropy on the answer tokens only;
-  3. + 0.01 (mean β of the write pass - 0.05)²: write sparingly.
-Then every condition of design.md §5 is evaluated on the same held-out episodes.
+  2. read pass: writes off, the context is only "Q: ...\\nA:" (plus the last --read_window history
+     tokens, 0 by default), one question per stated fact (--dense_questions);
+  3. the loss (episode_loss; the weights are DEFAULTS'):
+       cross-entropy on the answer tokens
+     + bind_reg 1.0 x binding_loss: at each answer, an InfoNCE over the episode's facts picks the
+       asked fact's write key
+     + context_reg 0.5 x the LM loss of the episode's own history (+ 2 answers) read with its state
+     + general_reg 0.5 x the LM loss of corpus text read with the state: stay quiet off-topic
+     + beta_reg 0.01 x (mean β of the write pass - beta_target 0.05)²: write sparingly.
+Then every condition (no_history, full_context, recent_window, retrieval, deltamem, lora, hebbian and their
+variants) is evaluated on the same held-out episodes: <out_dir>/results.{md,json,png}.
 """
 import json
 import os

@@ -11,7 +11,7 @@ Flags: --corpus=pydoc|shakespeare|PATH  --tokenizer=bpe|gpt2  --vocab_size=1024 
        --task_docs=8000  --out=DIR  --force
 
 Writes to data/<corpus name>[_gpt2]/: train.bin, val.bin, tokenizer.tiktoken (bpe only), meta.json.
-Why task documents: the frozen backbone must learn to read facts from its context (design §3), so a
+Why task documents: the frozen backbone must learn to read facts from its context, so a
 share of its training rows are whole small episodes (history + Q/A) that fit in one 256-token block.
 Layout of train.bin / val.bin: the corpus tokens, then EOT, then the task documents, each followed by
 EOT. The corpus is small and gets repeated; task documents are unlimited, so many are written
@@ -19,9 +19,9 @@ EOT. The corpus is small and gets repeated; task documents are unlimited, so man
 document start so the whole episode sits in the context.
 Why a 1k vocabulary and a 0.9 task share: reading a fact from the context is a circuit (match the subject,
 copy the value) that a small model forms suddenly after enough Q/A examples. Measured on the cpu-preset
-backbone (README, "What we measured"), it formed by ~1000 steps with these defaults and not within 3000
+backbone (dev/LOG.md, "What we measured"), it formed by ~1000 steps with these defaults and not within 3000
 with a 4k vocabulary and a 0.3 share; a smaller softmax is also ~1.5x faster per step on a CPU
-(11.1k vs 7.5k tokens/s, README).
+(11.1k vs 7.5k tokens/s, dev/LOG.md).
 Other code imports load_meta / load_tokenizer / load_split / prepare from here.
 """
 
@@ -43,7 +43,7 @@ import tiktoken
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from data import tasks  # noqa: E402  (sibling module: synthetic episodes, design §4)
+from data import tasks  # noqa: E402  (sibling module: synthetic episodes)
 from data.config import UserError, parse_config  # noqa: E402  (the project's one flag parser)
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Synthetic tasks for nanodeltamem (design.md §4).
+"""Synthetic tasks for nanodeltamem.
 
 Two tasks, both seeded and both answered by replaying a hidden world state:
 

@@ -6,7 +6,7 @@ Ablations and pictures: change d_k or the rank, see what happens.
     python dev/ablate.py --capacity                        # recall EM vs stored pairs N: gated vs hebbian, d_k 4, 8, 16
     python dev/ablate.py --capacity --key_dim=8 --n_pairs=1,2,4,8,16 --max_iters=200   # one d_k, ~10 CPU-minutes
     python dev/ablate.py --state_capacity                  # the state alone, keys given, nothing trained (seconds)
-    python dev/ablate.py --overwrites [--quick]        # slots restated in later sessions: 4 rules x 3 seeds
+    python dev/ablate.py --overwrites [--quick]            # slots restated in later sessions: 4 rules x 3 seeds
     python dev/ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
     python dev/ablate.py --results=out/results.json        # per-family bars of a train_memory.py evaluation
     python dev/ablate.py --plots                           # redraw the pictures from the CSVs, train nothing

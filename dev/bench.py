@@ -2,8 +2,9 @@
 What the memory costs, measured side by side and reported as ratios (one run, one machine):
 
   1. scan       chunkwise-parallel vs token-loop delta rule, forward + backward
-  2. training   one memory-training step (train_memory's episode_loss: write pass + read pass, frozen
-                backbone) vs a plain backbone forward + backward, all weights trainable, same tokens
+  2. training   one memory-training step (train_memory's episode_loss: write pass, read pass, the β and
+                general-text terms, frozen backbone; not yet the recipe's binding and context terms)
+                vs a plain backbone forward + backward, all weights trainable, same tokens
   3. answering  Q questions after a history of T tokens: δ-mem writes the history once and reads per
                 question; full context re-reads the (left-truncated) history for every question
   4. memory     the peak extra memory of every measured call (see peak_mib)
@@ -230,7 +231,7 @@ def train_step_bench(repeats=3, device="cpu", compile=False, at=CPU, **shape):
     gx = torch.randint(0, V, (B, 1, cfg["general_len"]), device=device)  # the general-text rows
     gy = torch.randint(0, V, (B, 1, cfg["general_len"]), device=device)  # (B, 1, general_len)
 
-    def memory_step():                                                   # exactly what train_one runs
+    def memory_step():                                                   # train_one's loss, less 2 terms
         mem.train()
         train_memory.episode_loss(run_mem, batch, cfg, device, general=(gx, gy)).backward()
         mem.zero_grad(set_to_none=True)
