@@ -707,10 +707,6 @@ class DeltaMemGPT(nn.Module):
         frozen = sum(p.numel() for p in self.gpt.parameters())
         return trainable, frozen
 
-    def describe(self):
-        t, f = self.param_counts()
-        return f"memory: {t:,} trainable parameters, backbone: {f:,} frozen ({100 * t / (t + f):.2f}% trainable)"
-
     # a checkpoint holds only the memory, bound to the backbone's weights by their hash (the scripts write
     # and read the file: train_backbone.save_memory / load_memory)
     def checkpoint(self, **extra):

@@ -767,21 +767,6 @@ def _answer(question: str, state: dict, task: str) -> str:
     return str(chain[values.index(v)][1]) if v in values else UNKNOWN  # kind == "session"
 
 
-def overwritten_later(ep: Episode, q: Question) -> bool:
-    """Is q about a slot whose latest value was stated in a later session than every older value of it?
-    Then attention, one session at a time, never sees the old value beside the new one: only a memory
-    that erases can answer. (Every overwrites question is; msqa update questions often are.)"""
-    if not q.stale:
-        return False
-    facts = parse_facts(ep)
-    latest = [(s, subj, slot) for s, subj, slot, v in facts if v == q.a]
-    for s, subj, slot in latest[::-1]:
-        older = [t for t, subj2, slot2, v in facts if (subj2, slot2) == (subj, slot) and v in q.stale]
-        if older:
-            return s > max(older)
-    return False
-
-
 def parse_gold(ep: Episode) -> list[str]:
     """Every question's answer, re-derived from the session lines and question strings alone."""
     state = {}

@@ -300,6 +300,26 @@ def test_overwrite_summary_schema_and_plot_from_fixed_rows(tmp_path):
     assert_png(tmp_path / "overwrites.png")
 
 
+def test_overwritten_later_by_hand():
+    """Only an update whose latest value sits in a later session than every older value of its slot."""
+    ep = tasks.Episode(sessions=[["Session 1 (Day 2)", "Mia: Alice lives in Lisbon.", "Mia: Bob lives in Paris."],
+                                 ["Session 2 (Day 5)", "Mia: Alice moved again, this time to Oslo.",
+                                  "Mia: Bob moved again, this time to Rome.",
+                                  "Mia: Bob left town and now lives in Cairo."]],
+                       questions=[tasks.Question("Where does Alice live now?", "Oslo", "update", stale=["Lisbon"]),
+                                  tasks.Question("Where does Bob live now?", "Cairo", "update", stale=["Paris", "Rome"]),
+                                  tasks.Question("Where does Bob live?", "Cairo", "single_hop")])
+    facts = tasks.parse_facts(ep)
+    assert [f[3] for f in facts] == ["Lisbon", "Paris", "Oslo", "Rome", "Cairo"], facts  # the templates parse
+    assert [AB.overwritten_later(ep, q) for q in ep.questions] == [True, False, False]  # Rome: same session
+
+
+def test_every_overwrites_question_counts_in_the_overwrite_score():
+    for seed in range(30):                                               # each new value one session later
+        ep = tasks.make_overwrites(np.random.default_rng(seed), n_pairs=int(2 + seed % 7))
+        assert ep.questions and all(AB.overwritten_later(ep, q) for q in ep.questions)
+
+
 def test_stale_rate_by_hand():
     from data.tasks import Episode, Question
     qs = [Question("Ann?", "tiger", "forgetting", stale=["apple", "river"]),
