@@ -42,7 +42,7 @@ DEFAULTS = dict(
     # model
     n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0, smear_keys=4,
     # optimisation
-    batch_size=16, max_iters=1500, learning_rate=6e-3, min_lr=1e-3, warmup_iters=100,
+    batch_size=8, max_iters=1500, learning_rate=6e-3, min_lr=1e-3, warmup_iters=100,
     weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
     # logging / evaluation
     eval_interval=250, eval_iters=8, log_interval=25, eval_episodes=100,

@@ -25,7 +25,7 @@ variants) is evaluated on the same held-out episodes: <out_dir>/results.{md,json
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import sys
 import time
 
@@ -57,7 +57,7 @@ DEFAULTS = dict(
     key_dim=8, rank=8, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
     layers="1,2", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=4, decay_bias=6.0,
     # training
-    max_iters=400, batch_size=16, learning_rate=3e-2, min_lr=1e-3, warmup_iters=30, grad_clip=1.0,
+    max_iters=300, batch_size=16, learning_rate=3e-2, min_lr=1e-3, warmup_iters=20, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
     read_window_share=1.0,        # share of steps whose questions see the last read_window history tokens
                                   # (the others see none): 0.5 trains one memory for both read budgets
@@ -65,11 +65,13 @@ DEFAULTS = dict(
     state_margin=0.0,             # + state_margin x softplus(1 - (loss with another episode's state - own loss))
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
     context_reg=0.5,              # + context_reg x LM loss of the episode's own history read with its state
+    aux_share=0.5,                # share of steps that add the context and general terms (spread evenly)
     dense_questions=True,         # training msqa episodes ask about every stated fact (reads are cheap)
+    max_questions=0,              # at most this many of an episode's questions per step, drawn at random (0: all)
     shared_share=0.0,             # share of training msqa episodes whose facts use only 2 attributes, so that
                                   # people share them and only the person tells the facts apart
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
-    log_interval=50, val_episodes=64,
+    log_interval=25, eval_interval=100, val_episodes=64,  # progress line / validation and instruments
     diagnose=True,                # retention, key separation and read margin per layer in the progress line
     # evaluation
     baselines="lora,hebbian",     # which trained baselines to train and compare ("" for none)
@@ -267,11 +269,15 @@ class CorpusRows:
         return rows[:, None, :-1], rows[:, None, 1:]                     # x, y: (B, 1, L) each
 
 
+def on_share(it, share):
+    """Whether step `it` is one of a `share` of the steps, spread evenly (0.5: every other step)."""
+    return int((it + 1) * share) > int(it * share)
+
+
 def read_window_at(it, cfg):
     """History tokens before the questions at step `it`: read_window on a read_window_share of the steps,
-    spread evenly (0.5: every other step), 0 on the rest; a function of `it` alone, so a resume agrees."""
-    share = cfg["read_window_share"]
-    return cfg["read_window"] if int((it + 1) * share) > int(it * share) else 0
+    0 on the rest; a function of `it` alone, so a resume agrees."""
+    return cfg["read_window"] if on_share(it, cfg["read_window_share"]) else 0
 
 
 def step_inputs(enc, cfg, it, block_size, corpus=None):
@@ -279,10 +285,15 @@ def step_inputs(enc, cfg, it, block_size, corpus=None):
     episodes, and episode_loss's general / sites / context for the recipe's terms that are switched on."""
     rng = np.random.default_rng([cfg["seed"], it])
     eps = sample_episodes(rng, cfg, cfg["batch_size"])
-    batch = tasks.collate_episodes(enc, eps, block_size, enc.eot_token, read_window_at(it, cfg))
+    aux = on_share(it, cfg["aux_share"])                                 # the context and general terms
     general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
+    if cfg["max_questions"]:                                             # a random few of each episode's questions
+        eps = [replace(ep, questions=[ep.questions[i] for i in sorted(rng.permutation(len(ep.questions))
+                                                                      [:cfg["max_questions"]])]) for ep in eps]
+    batch = tasks.collate_episodes(enc, eps, block_size, enc.eot_token, read_window_at(it, cfg))
     sites = binding_sites(enc, eps, batch, block_size) if cfg["bind_reg"] > 0 else None
-    context = context_rows(enc, eps, block_size, enc.eot_token) if cfg["context_reg"] > 0 else None
+    context = context_rows(enc, eps, block_size, enc.eot_token) if cfg["context_reg"] > 0 and aux else None
+    general = general if aux else None
     return batch, dict(general=general, sites=sites, context=context)
 
 
@@ -334,23 +345,28 @@ def train_one(kind, name, gpt, enc, cfg, device):
         model.train()
         return episode_loss(step, batch, cfg, device, **extra)
 
+    losses = {}
+
     def log(it, loss, lr, dt):
+        b = mean_beta(model)
+        losses[it] = loss
+        print(f"[{name}] iter {it:4d}/{cfg['max_iters']} | loss {loss:.3f} | β {b.item() if b is not None else 0:.3f}"
+              f" | {1 / dt:.1f} steps/s | ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
+
+    def evaluate(it):                                                    # train-side validation, the instruments
         acc, abst = answer_accuracy(model, enc, val_eps, cfg, device)
         shared = answer_accuracy(model, enc, val_shared, cfg, device)[0] if val_shared else None
-        b = mean_beta(model)
         diag = diagnose(model, enc, val_eps + val_shared, device) if cfg["diagnose"] and kind != "lora" else {}
         by_name = f" | shared N=4 {shared:.2f} (chance 0.25)" if shared is not None else ""
-        print(f"[{name}] iter {it:4d}/{cfg['max_iters']} | loss {loss:.3f} | val fact acc {acc:.2f} abstention "
-              f"{abst:.2f}{by_name} | β {b.item() if b is not None else 0:.3f} | {1 / dt:.1f} steps/s | "
-              f"ETA {fmt_time(dt * (cfg['max_iters'] - it))}", flush=True)
+        print(f"[{name}]   val fact acc {acc:.2f} abstention {abst:.2f}{by_name}", flush=True)
         if diag:
             print(f"[{name}]   {diagnosis_line(diag)}", flush=True)
-        history.append(dict(iter=it, train=loss, val_acc=acc, val_abstention=abst, val_shared_acc=shared,
-                            diagnostics=diag))
+        history.append(dict(iter=it, train=losses.get(it), val_acc=acc, val_abstention=abst,
+                            val_shared_acc=shared, diagnostics=diag))
         save(it)
 
     t0 = time.time()
-    it = fit(loss_at, params, opt, cfg, start, path, save, log, tag=f"[{name}] ",
+    it = fit(loss_at, params, opt, cfg, start, path, save, log, evaluate, tag=f"[{name}] ",
              resume_hint="Re-run the same command to resume.")
     save(it)
     print(f"[{name}] trained in {fmt_time(time.time() - t0)}; saved {path}")
@@ -929,7 +945,7 @@ def ensure_backbone(cfg, defaults=None, column=None):
 
 def check_config(cfg):
     """Every flag's range, before any work starts (the checks that need the backbone: check_fits)."""
-    check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval"))
+    check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval", "eval_interval"))
     if cfg["task"] not in ("msqa", "recall", "overwrites", "mix"):
         raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, overwrites, mix")
     if cfg["episode_preset"] not in tasks.PRESETS:
@@ -943,7 +959,8 @@ def check_config(cfg):
         beta_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.01"),
         general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1),
         read_window_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
-        shared_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5")))
+        shared_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
+        aux_share=(lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.5"), max_questions=whole(0)))
     check_device(cfg["device"])
     if cfg["layers"] != "all" and not all(x.strip().isdigit() for x in str(cfg["layers"]).split(",")):
         raise UserError(f"--layers={cfg['layers']} is not valid: use all or comma-separated layer indices, e.g. 0,2")

@@ -68,7 +68,8 @@ PRESETS = presets("ablate")                       # PRESET_TABLE: the memory's, 
 # training settings added after sweeps existed: hashed only when set to something else than this value
 # (which changes nothing), so the finished cells of an older sweep keep their names and are skipped
 ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0, "bind_reg": 0.0,
-               "dense_questions": False, "context_reg": 0.0, "shared_share": 0.0}
+               "dense_questions": False, "context_reg": 0.0, "shared_share": 0.0,
+               "aux_share": 1.0, "max_questions": 0}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs", "seed")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[1, 2, 4, 8, 12, 16], update=["gated", "hebbian"])  # trained, recall
@@ -86,7 +87,7 @@ COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key
             "macro_em", "acc"] + [f"em_{f}" for f in FAMILIES] +
            ["n_questions", "train_seconds", "eval_seconds", "machine", "fact_em", "stale_rate", "updated_em",
             "updated_stale", "n_updated"])
-NOT_TRAINING = {"out_dir", "device", "log_interval", "val_episodes", "eval_episodes", "splits", "eval_read_window",
+NOT_TRAINING = {"out_dir", "device", "log_interval", "eval_interval", "val_episodes", "eval_episodes", "splits", "eval_read_window",
                 "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results",
                 "state_capacity", "state_passes", "state_beta", "state_episodes", "diagnose", "overwrites", "quick"}
 

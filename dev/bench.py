@@ -3,8 +3,9 @@ What the memory costs, measured side by side and reported as ratios (one run, on
 
   1. scan       chunkwise-parallel vs token-loop delta rule, forward + backward
   2. training   one memory-training step (train_memory's episode_loss: write pass, read pass, the β and
-                general-text terms, frozen backbone; not yet the recipe's binding and context terms)
-                vs a plain backbone forward + backward, all weights trainable, same tokens
+                general-text terms, frozen backbone) vs a plain backbone forward + backward, all weights
+                trainable, same tokens (random); 2b: the recipe's whole step on real episodes, term by
+                term, against a backbone pretraining step
   3. answering  Q questions after a history of T tokens: δ-mem writes the history once and reads per
                 question; full context re-reads the (left-truncated) history for every question
   4. memory     the peak extra memory of every measured call (see peak_mib)
@@ -256,6 +257,60 @@ def train_step_bench(repeats=3, device="cpu", compile=False, at=CPU, **shape):
     return row
 
 
+def recipe_step_bench(repeats=3, device="cpu", at=CPU, batch_size=None):
+    """One step of train_memory's recipe on real training episodes (data/pydoc, made when missing), term by
+    term: each row adds one term to episode_loss (forward + backward), so its time is that term's cost.
+    The recipe's step averages them with aux_share (the share of steps with the context and general terms).
+    Compared with one backbone pretraining step (forward + backward, its batch x block tokens)."""
+    import numpy as np
+    import train_memory
+    from train_backbone import DEFAULTS as BB, ensure_data
+    from data.prepare import load_tokenizer
+    cfg = dict(at[1], batch_size=batch_size or at[1]["batch_size"])
+    ensure_data(cfg["data_dir"])
+    enc = load_tokenizer(cfg["data_dir"])
+    gpt, mem = models(device, (dict(at[0], vocab_size=enc.n_vocab), cfg))
+    block = gpt.config.block_size
+    batch, extra = train_memory.step_inputs(enc, dict(cfg, aux_share=1.0), 0, block,
+                                            train_memory.CorpusRows(cfg["data_dir"]))
+    terms = [("write pass + questions", {}), ("+ binding term", dict(sites=extra["sites"])),
+             ("+ general term", dict(general=extra["general"])), ("+ context term", dict(context=extra["context"]))]
+
+    def step(kw):
+        def fn():
+            mem.train()
+            train_memory.episode_loss(mem, batch, cfg, device, **kw).backward()
+            mem.zero_grad(set_to_none=True)
+        return fn
+
+    B = batch_size or BB["batch_size"]
+    x = torch.randint(enc.n_vocab, (B, block), device=device)           # (B, block) a pretraining batch
+
+    def backbone_step():
+        gpt.train()
+        gpt(x, x)[1].backward()
+        gpt.zero_grad(set_to_none=True)
+
+    kws, sofar = [], {}
+    for _, kw in terms:
+        sofar = dict(sofar, **kw)
+        kws.append(sofar)
+    times = best_times([step(kw) for kw in kws] + [backbone_step], repeats, device)
+    bb_ms, cum = 1000 * times[-1], [1000 * t for t in times[:-1]]
+    cost = [cum[0]] + [b - a for a, b in zip(cum, cum[1:])]              # ms each term adds
+    aux = cfg["aux_share"]
+    recipe_ms = cost[0] + cost[1] + aux * (cost[2] + cost[3])
+    print(f"2b. the recipe's training step, term by term (real episodes: hist {tuple(batch['hist'].shape)}, "
+          f"questions {tuple(batch['qx'].shape)}, context {tuple(extra['context'][0].shape)}, general "
+          f"{tuple(extra['general'][0].shape)}), forward + backward:")
+    for (name, _), ms in zip(terms, cost):
+        print(f"  {name:24s} {ms:7.1f} ms  {ms / bb_ms:5.2f}x a backbone step")
+    print(f"  recipe step (context and general terms on {aux:.0%} of steps) {recipe_ms:.1f} ms = "
+          f"{recipe_ms / bb_ms:.2f}x a backbone pretraining step ({bb_ms:.1f} ms, {B} x {block} tokens)", flush=True)
+    return dict(terms={name: ms for (name, _), ms in zip(terms, cost)}, recipe_step_ms=recipe_ms,
+                backbone_step_ms=bb_ms, ratio=recipe_ms / bb_ms, aux_share=aux)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. answering Q questions after a history of T tokens
 # ----------------------------------------------------------------------------------------------
@@ -393,19 +448,21 @@ def main(argv):
         scan = scan_bench((64, 1024), B=1, H=1, chunk_size=a["chunk_size"], repeats=1, device=dev,
                           gates_list=("rowwise",))
         train = train_step_bench(1, dev, compile=a["compile"], at=at, B=2, W=2, L=32, Q=2, Lq=8)
+        recipe = recipe_step_bench(1, dev, at, batch_size=2)
         answer = answer_bench((64, 512), Q=2, Lq=8, answer_len=2, repeats=1, device=dev, at=at)
         decode = decode_bench(8, 2, 32, repeats=1, device=dev, at=at)
     else:
         scan = scan_bench(a["T"], chunk_size=a["chunk_size"], repeats=rep, device=dev)
         train = train_step_bench(rep, dev, compile=a["compile"], at=at)
+        recipe = recipe_step_bench(rep, dev, at)
         answer = answer_bench(repeats=rep, device=dev, at=at)
         decode = decode_bench(repeats=rep, device=dev, at=at)
     out = dict(machine=info, quick=a["quick"], preset=a["preset"], backbone=backbone, chunk_size=a["chunk_size"],
                memory_measure="torch.cuda.max_memory_allocated" if dev == "cuda"
                else "torch.profiler profile_memory: peak of live tensor bytes above the start",
-               train_step_overhead=train["overhead"], answer_time_ratio_at_max_T=answer[-1]["ratio"],
+               train_step_overhead=train["overhead"], recipe_step_ratio=recipe["ratio"], answer_time_ratio_at_max_T=answer[-1]["ratio"],
                answer_max_T=answer[-1]["T"], decode_overhead=decode["overhead"],
-               scan=scan, train_step=train, answer=answer, decode=decode)
+               scan=scan, train_step=train, recipe_step=recipe, answer=answer, decode=decode)
     for row in scan:
         if row["T"] == 1024:
             out["scan_speedup_T1024" if row["gates"] == "rowwise" else "scan_speedup_T1024_scalar"] = row["speedup"]
@@ -413,7 +470,8 @@ def main(argv):
         json.dump(out, f, indent=1)
     s = out.get("scan_speedup_T1024")
     print(f"\nscan speedup at T=1024 (row-wise gates): {f'{s:.1f}x' if s else 'n/a (--T without 1024)'} | "
-          f"training step overhead {out['train_step_overhead']:.2f}x | full context / δ-mem time per answer at "
+          f"training step overhead {out['train_step_overhead']:.2f}x (the recipe's: "
+          f"{out['recipe_step_ratio']:.2f}x) | full context / δ-mem time per answer at "
           f"T={out['answer_max_T']}: {out['answer_time_ratio_at_max_T']:.1f}x | decode overhead "
           f"{out['decode_overhead']:.2f}x\nwrote {a['out']}")
     return out

@@ -50,6 +50,10 @@ def test_quick_run_writes_the_required_keys_and_consistent_ratios(tmp_path):
     assert out["train_step_overhead"] == pytest.approx(t["memory_step_ms"] / t["backbone_step_ms"])
     sh = t["shape"]
     assert t["tokens"] == sh["B"] * (sh["W"] * sh["L"] + sh["Q"] * sh["Lq"] + sh["G"])  # + general-text rows
+    r = out["recipe_step"]                                               # the recipe: every term, aux on a share
+    c = list(r["terms"].values())
+    assert r["recipe_step_ms"] == pytest.approx(c[0] + c[1] + r["aux_share"] * (c[2] + c[3]))
+    assert out["recipe_step_ratio"] == pytest.approx(r["recipe_step_ms"] / r["backbone_step_ms"])
     last = out["answer"][-1]
     assert last["T"] == max(r["T"] for r in out["answer"]) == out["answer_max_T"]
     assert out["answer_time_ratio_at_max_T"] == pytest.approx(last["full_context_ms"] / last["deltamem_ms"])

@@ -54,7 +54,7 @@ def backbone_args(data_dir, out_dir, *extra):
 
 def memory_args(data_dir, backbone, out_dir, *extra):
     return [f"--data_dir={data_dir}", f"--backbone={backbone}", f"--out_dir={out_dir}", "--episode_preset=tiny",
-            "--batch_size=2", "--max_iters=30", "--log_interval=2", "--val_episodes=2", "--eval_episodes=1",
+            "--batch_size=2", "--max_iters=30", "--log_interval=2", "--eval_interval=2", "--val_episodes=2", "--eval_episodes=1",
             "--baselines=", "--eval_read_window=16", "--device=cpu", "--layers=all", *extra]  # a 1-layer backbone
 
 
