@@ -42,6 +42,7 @@ DEFAULTS = dict(
     # model
     n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0, smear_keys=4,
     # optimisation
+    # (the steps form the lookup, not the rows: 8 rows a step cost ~2/3 of 16's, dev/LOG.md 2026-12-03)
     batch_size=8, max_iters=1500, learning_rate=6e-3, min_lr=1e-3, warmup_iters=100,
     weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
     # logging / evaluation

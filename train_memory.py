@@ -18,6 +18,7 @@ An episode is a history (dated chat sessions) plus questions. A training step, p
        asked fact's write key
      + context_reg 0.5 x the LM loss of the episode's own history (+ 2 answers) read with its state
      + general_reg 0.5 x the LM loss of corpus text read with the state: stay quiet off-topic
+       (these two on an aux_share 0.5 of the steps: the step's most costly tokens after the questions)
      + beta_reg 0.01 x (mean β of the write pass - beta_target 0.05)²: write sparingly.
 Then every condition (no_history, full_context, recent_window, retrieval, deltamem, lora, hebbian and their
 variants) is evaluated on the same held-out episodes: <out_dir>/results.{md,json,png}.
