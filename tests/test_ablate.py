@@ -26,7 +26,7 @@ def assert_png(path, min_bytes=5000):
 
 def tiny_args(out_dir, *extra):
     return [f"--out_dir={out_dir}", "--task=recall", "--episode_preset=tiny", "--max_iters=2", "--batch_size=2",
-            "--val_episodes=2", "--eval_episodes=2", "--log_interval=1", "--warmup_iters=1",
+            "--val_episodes=2", "--eval_episodes=2", "--log_interval=1", "--eval_interval=1", "--warmup_iters=1",
             "--general_reg=0", *extra]                                  # a 257-token toy backbone: no corpus rows
 
 
