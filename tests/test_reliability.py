@@ -484,9 +484,9 @@ def test_nan_loss_stops_memory_training_and_keeps_last_checkpoint(data_dir, back
     cfg = TB.parse_config(memory_args(data_dir, backbone, tmp_path, "--max_iters=6"), TM.DEFAULTS, TM.PRESETS)
     real, calls = TM.episode_loss, []
 
-    def nan_at_5th(*a):
+    def nan_at_5th(*a, **kw):
         calls.append(1)
-        loss = real(*a)
+        loss = real(*a, **kw)
         return loss * float("nan") if len(calls) == 5 else loss
 
     monkeypatch.setattr(TM, "episode_loss", nan_at_5th)

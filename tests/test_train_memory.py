@@ -121,7 +121,7 @@ def test_read_window_share_spreads_the_window_over_the_steps(share, want):
 def test_compiled_training_saves_unwrapped_memory_checkpoint(enc, gpt, tmp_path, fake_compile):
     from train_backbone import load_checkpoint
     cfg = dict(TM.DEFAULTS, out_dir=str(tmp_path), max_iters=2, batch_size=2, log_interval=2, val_episodes=2,
-               warmup_iters=1, compile=True, general_reg=0)
+               warmup_iters=1, compile=True, general_reg=0, aux_share=1.0)
     model = TM.train_one("deltamem", "deltamem", gpt, enc, cfg, "cpu")
     assert fake_compile["wrapped"] == [model] and fake_compile["calls"] == 2 * 3  # write, read, context per step
     wrapper_keys = fake_compile["real_keys"](model)
