@@ -52,7 +52,7 @@ DEFAULTS = dict(
 # (dev/ablate.py takes the memory's column and then its own)
 PRESET_TABLE = {
     "cpu": dict(backbone=dict(), memory=dict(), ablate=dict()),             # the defaults
-    # 2x the backbone's steps (binds better) and the recipe that binds there: no forgetting, 1500 steps
+    # 2x the backbone's steps, and a 5x longer memory run with the deltanet rule (no forgetting)
     # (train_memory.py reads and writes its backbone in its --out_dir; the sweeps read the main job's)
     "cpu_long": dict(backbone=dict(max_iters=3000, out_dir="out-long"),
                      memory=dict(out_dir="out-long", max_iters=1500, update="deltanet", gate_bias=0.0),

@@ -287,14 +287,13 @@ def step_inputs(enc, cfg, it, block_size, corpus=None):
     rng = np.random.default_rng([cfg["seed"], it])
     eps = sample_episodes(rng, cfg, cfg["batch_size"])
     aux = on_share(it, cfg["aux_share"])                                 # the context and general terms
-    general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus else None
+    general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus and aux else None
     if cfg["max_questions"]:                                             # a random few of each episode's questions
         eps = [replace(ep, questions=[ep.questions[i] for i in sorted(rng.permutation(len(ep.questions))
                                                                       [:cfg["max_questions"]])]) for ep in eps]
     batch = tasks.collate_episodes(enc, eps, block_size, enc.eot_token, read_window_at(it, cfg))
     sites = binding_sites(enc, eps, batch, block_size) if cfg["bind_reg"] > 0 else None
     context = context_rows(enc, eps, block_size, enc.eot_token) if cfg["context_reg"] > 0 and aux else None
-    general = general if aux else None
     return batch, dict(general=general, sites=sites, context=context)
 
 

@@ -308,8 +308,8 @@ SHARED_N = (2, 4, 8)  # the same-attribute splits: N people, one attribute, chan
 def make_shared(rng: np.random.Generator, n_people: int = 4, split: str = "iid", return_log: bool = False):
     """N people who all share one attribute ("Alice lives in Paris.", "Bob lives in Rome.", ...), in 3
     msqa sessions (fewer when N < 3) with chit-chat and distractors; one question per person and one
-    about a person never mentioned ("unknown"). The question's attribute alone picks a stated value at chance 1/N: only a
-    lookup by the person beats it."""
+    about a person never mentioned ("unknown"). The question's attribute alone picks a stated value at
+    chance 1/N: only a lookup by the person beats it."""
     if not 1 <= n_people <= 16:
         raise ValueError(f"n_people={n_people} must be between 1 and 16")
     cfg = dict(sessions=min(3, n_people), people=n_people, facts=n_people, updated=0, chain=(1, 1), relations=0,

@@ -87,8 +87,8 @@ COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key
             "macro_em", "acc"] + [f"em_{f}" for f in FAMILIES] +
            ["n_questions", "train_seconds", "eval_seconds", "machine", "fact_em", "stale_rate", "updated_em",
             "updated_stale", "n_updated"])
-NOT_TRAINING = {"out_dir", "device", "log_interval", "eval_interval", "val_episodes", "eval_episodes", "splits", "eval_read_window",
-                "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results",
+NOT_TRAINING = {"out_dir", "device", "log_interval", "eval_interval", "val_episodes", "eval_episodes", "splits",
+                "eval_read_window", "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results",
                 "state_capacity", "state_passes", "state_beta", "state_episodes", "diagnose", "overwrites", "quick"}
 
 

@@ -257,24 +257,26 @@ def train_step_bench(repeats=3, device="cpu", compile=False, at=CPU, **shape):
     return row
 
 
-def recipe_step_bench(repeats=3, device="cpu", at=CPU, batch_size=None):
+def recipe_step_bench(repeats=3, device="cpu", at=CPU, preset="cpu", batch_size=None):
     """One step of train_memory's recipe on real training episodes (data/pydoc, made when missing), term by
     term: each row adds one term to episode_loss (forward + backward), so its time is that term's cost.
     The recipe's step averages them with aux_share (the share of steps with the context and general terms).
-    Compared with one backbone pretraining step (forward + backward, its batch x block tokens)."""
-    import numpy as np
+    Compared with one backbone pretraining step (forward + backward, the preset's batch x block tokens).
+    batch_size: both steps' batch instead of the presets' (--quick)."""
+    import train_backbone
     import train_memory
-    from train_backbone import DEFAULTS as BB, ensure_data
     from data.prepare import load_tokenizer
     cfg = dict(at[1], batch_size=batch_size or at[1]["batch_size"])
-    ensure_data(cfg["data_dir"])
+    train_backbone.ensure_data(cfg["data_dir"])
     enc = load_tokenizer(cfg["data_dir"])
     gpt, mem = models(device, (dict(at[0], vocab_size=enc.n_vocab), cfg))
     block = gpt.config.block_size
     batch, extra = train_memory.step_inputs(enc, dict(cfg, aux_share=1.0), 0, block,
                                             train_memory.CorpusRows(cfg["data_dir"]))
-    terms = [("write pass + questions", {}), ("+ binding term", dict(sites=extra["sites"])),
-             ("+ general term", dict(general=extra["general"])), ("+ context term", dict(context=extra["context"]))]
+    sites, general, context = extra["sites"], extra["general"], extra["context"]
+    terms = [("write pass + questions", {}), ("+ binding term", dict(sites=sites)),   # each row adds one term
+             ("+ general term", dict(sites=sites, general=general)),
+             ("+ context term", dict(sites=sites, general=general, context=context))]
 
     def step(kw):
         def fn():
@@ -283,7 +285,7 @@ def recipe_step_bench(repeats=3, device="cpu", at=CPU, batch_size=None):
             mem.zero_grad(set_to_none=True)
         return fn
 
-    B = batch_size or BB["batch_size"]
+    B = batch_size or {**train_backbone.DEFAULTS, **train_backbone.PRESETS[preset]}["batch_size"]
     x = torch.randint(enc.n_vocab, (B, block), device=device)           # (B, block) a pretraining batch
 
     def backbone_step():
@@ -291,18 +293,14 @@ def recipe_step_bench(repeats=3, device="cpu", at=CPU, batch_size=None):
         gpt(x, x)[1].backward()
         gpt.zero_grad(set_to_none=True)
 
-    kws, sofar = [], {}
-    for _, kw in terms:
-        sofar = dict(sofar, **kw)
-        kws.append(sofar)
-    times = best_times([step(kw) for kw in kws] + [backbone_step], repeats, device)
+    times = best_times([step(kw) for _, kw in terms] + [backbone_step], repeats, device)
     bb_ms, cum = 1000 * times[-1], [1000 * t for t in times[:-1]]
     cost = [cum[0]] + [b - a for a, b in zip(cum, cum[1:])]              # ms each term adds
     aux = cfg["aux_share"]
     recipe_ms = cost[0] + cost[1] + aux * (cost[2] + cost[3])
     print(f"2b. the recipe's training step, term by term (real episodes: hist {tuple(batch['hist'].shape)}, "
-          f"questions {tuple(batch['qx'].shape)}, context {tuple(extra['context'][0].shape)}, general "
-          f"{tuple(extra['general'][0].shape)}), forward + backward:")
+          f"questions {tuple(batch['qx'].shape)}, context {tuple(context[0].shape)}, general "
+          f"{tuple(general[0].shape)}), forward + backward:")
     for (name, _), ms in zip(terms, cost):
         print(f"  {name:24s} {ms:7.1f} ms  {ms / bb_ms:5.2f}x a backbone step")
     print(f"  recipe step (context and general terms on {aux:.0%} of steps) {recipe_ms:.1f} ms = "
@@ -448,19 +446,20 @@ def main(argv):
         scan = scan_bench((64, 1024), B=1, H=1, chunk_size=a["chunk_size"], repeats=1, device=dev,
                           gates_list=("rowwise",))
         train = train_step_bench(1, dev, compile=a["compile"], at=at, B=2, W=2, L=32, Q=2, Lq=8)
-        recipe = recipe_step_bench(1, dev, at, batch_size=2)
+        recipe = recipe_step_bench(1, dev, at, a["preset"], batch_size=2)
         answer = answer_bench((64, 512), Q=2, Lq=8, answer_len=2, repeats=1, device=dev, at=at)
         decode = decode_bench(8, 2, 32, repeats=1, device=dev, at=at)
     else:
         scan = scan_bench(a["T"], chunk_size=a["chunk_size"], repeats=rep, device=dev)
         train = train_step_bench(rep, dev, compile=a["compile"], at=at)
-        recipe = recipe_step_bench(rep, dev, at)
+        recipe = recipe_step_bench(rep, dev, at, a["preset"])
         answer = answer_bench(repeats=rep, device=dev, at=at)
         decode = decode_bench(repeats=rep, device=dev, at=at)
     out = dict(machine=info, quick=a["quick"], preset=a["preset"], backbone=backbone, chunk_size=a["chunk_size"],
                memory_measure="torch.cuda.max_memory_allocated" if dev == "cuda"
                else "torch.profiler profile_memory: peak of live tensor bytes above the start",
-               train_step_overhead=train["overhead"], recipe_step_ratio=recipe["ratio"], answer_time_ratio_at_max_T=answer[-1]["ratio"],
+               train_step_overhead=train["overhead"], recipe_step_ratio=recipe["ratio"],
+               answer_time_ratio_at_max_T=answer[-1]["ratio"],
                answer_max_T=answer[-1]["T"], decode_overhead=decode["overhead"],
                scan=scan, train_step=train, recipe_step=recipe, answer=answer, decode=decode)
     for row in scan:

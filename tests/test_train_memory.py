@@ -389,3 +389,22 @@ def test_same_attribute_margin_and_separation_by_hand():
     assert TM.key_separation(typed, slots, kinds).item() == pytest.approx(1.0)
     assert TM.read_margin(typed[0, 0][None], typed, slots, 0).item() == pytest.approx(0.0)  # all rivals: fact 1 too
     assert TM.read_margin(typed[0, 0][None], typed[:, [0, 2]], slots[:2], 0).item() == pytest.approx(1.0)  # the type
+
+
+def test_step_inputs_add_the_context_and_general_terms_on_their_share_of_the_steps(enc):
+    assert [TM.on_share(it, 0.5) for it in range(6)] == [False, True] * 3     # every other step
+    assert [TM.on_share(it, 0.25) for it in range(8)] == [False, False, False, True] * 2
+    assert all(TM.on_share(it, 1.0) for it in range(5))
+
+    class Rows:                                                          # stands in for CorpusRows
+        def batch(self, n, length, rng):
+            return ("rows", n, length)
+
+    cfg = dict(TM.DEFAULTS, episode_preset="tiny", batch_size=2)
+    off, on = (TM.step_inputs(enc, cfg, it, 256, Rows()) for it in (0, 1))
+    assert off[1]["context"] is None and off[1]["general"] is None and off[1]["sites"] is not None
+    assert on[1]["context"][0].shape[:2] == (2, 1) and on[1]["general"] == ("rows", 2, cfg["general_len"])
+    again = TM.step_inputs(enc, cfg, 1, 256, Rows())                     # a function of the step alone
+    assert torch.equal(again[0]["hist"], on[0]["hist"]) and torch.equal(again[0]["qx"], on[0]["qx"])
+    capped = TM.step_inputs(enc, dict(cfg, max_questions=2), 1, 256, Rows())[0]
+    assert on[0]["qx"].size(1) > 2 and capped["qx"].size(1) == 2           # at most 2 questions an episode
