@@ -26,6 +26,7 @@ Symbols, as the code names them:
   dq, do      low-rank corrections added to the attention query and output (the sides, "qo")
   W, L, Q     history windows per episode, tokens per window, questions per episode (batches)
   c_j         the backbone's key smear: attention key K_t = Σ_j c_j ∘ (W_k h)_{t-j} (smear_keys = K taps)
+  w_j, u_j    the memory's key and query convolutions, the same kind of smear (key_conv, query_conv taps)
 
 How it differs from FLA's naive reference (fla/ops/delta_rule/naive.py, naive_recurrent_gated_delta_rule):
 FLA stores Sᵀ (d_k x r), scales q by d_k^-0.5 and reads after writing (o_t = S_t q_t); here S is r x d_k,
@@ -57,6 +58,22 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False       # biases in Linear and LayerNorm layers
     smear_keys: int = 1      # K > 1: each attention key also sees the K-1 tokens before it (CausalSelfAttention)
+
+
+# a short causal convolution: the backbone's smeared keys and the memory's key and query convolutions
+def causal_conv(a, w, n_windows=1, past=None):
+    """Σ_{j<K} w_j ∘ a_{t-j} over a (B, T, E) with weights w (K, E): a causal depthwise convolution that
+    restarts in each of n_windows equal windows (K-1 zeros before a window's first token), or, for one
+    window, continues from `past` (B, K-1, E), the tokens before it. Returns the result (B, T, E) and the
+    last K-1 inputs (B, K-1, E), the next call's past."""
+    K, (B, T, E) = w.size(0), a.shape
+    L = T // n_windows
+    a = a.reshape(B * n_windows, L, E)
+    if past is None:
+        past = a.new_zeros(B * n_windows, K - 1, E)
+    full = torch.cat([past, a], 1)                                       # (B·W, K-1+L, E)
+    out = sum(wj * full[:, K - 1 - j:K - 1 - j + L] for j, wj in enumerate(w))  # (B·W, L, E)
+    return out.reshape(B, T, E), full[:, -(K - 1):]
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,14 +109,11 @@ class CausalSelfAttention(nn.Module):
     def smear(self, k, cache=None):
         """Σ_j c_j ∘ k_{t-j} over k (B, T, C), the tokens before the first one read from the cache's
         last K-1 raw keys (zeros at the start of a sequence)."""
-        (B, T, C), K = k.shape, self.smear_c.size(0)
         past = cache.get("k_raw") if cache is not None else None         # (B, K-1, C) the tokens before
-        if past is None:
-            past = k.new_zeros(B, K - 1, C)                              # nothing before a sequence's start
-        full = torch.cat([past, k], 1)                                   # (B, K-1+T, C)
+        k, tail = causal_conv(k, self.smear_c, past=past)                # (B, T, C)
         if cache is not None:
-            cache["k_raw"] = full[:, -(K - 1):]                          # for the next token
-        return sum(c * full[:, K - 1 - j:K - 1 - j + T] for j, c in enumerate(self.smear_c))  # (B, T, C)
+            cache["k_raw"] = tail                                        # for the next token
+        return k
 
     def forward(self, h, dq=None, do=None, cache=None):
         B, T, C = h.shape
@@ -137,8 +151,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block. `mem`, if given, maps the attention input h to (dq, do); `cache` is the
-    attention's decoding cache (see CausalSelfAttention)."""
+    """Pre-LN transformer block. `mem`, if given, maps the attention input h (and the layer's cache) to
+    (dq, do); `cache` is the layer's decoding cache (see CausalSelfAttention)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -149,7 +163,7 @@ class Block(nn.Module):
 
     def forward(self, x, mem=None, cache=None):
         h = self.ln_1(x)                                                 # (B, T, C) attention input
-        dq, do = mem(h) if mem is not None else (None, None)             # the memory reads h
+        dq, do = mem(h, cache) if mem is not None else (None, None)      # the memory reads h
         x = x + self.attn(h, dq, do, cache)
         return x + self.mlp(self.ln_2(x))                                # (B, T, C)
 
@@ -425,6 +439,7 @@ class MemoryConfig:
     init: str = "paper"        # B_q, B_o init: paper (0.05 x columns of W_q, W_o) | zero
     chunk_size: int = 8        # chunkwise scan's chunk (None: token loop, for reference)
     key_conv: int = 1          # a write key sees its last key_conv tokens (1: only its own, as in the paper)
+    query_conv: int = 1        # a read query sees its last query_conv tokens (1: only its own, as in the paper)
     decay_bias: float = 6.0    # update=gated: b_λ at init, λ = sigmoid(6) ≈ 0.9975 kept per token
 
     def __post_init__(self):
@@ -433,7 +448,7 @@ class MemoryConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
-        for name in ("key_dim", "rank", "heads", "key_conv"):
+        for name in ("key_dim", "rank", "heads", "key_conv", "query_conv"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range: use a whole number >= 1")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
@@ -452,7 +467,7 @@ class MemoryConfig:
 class DeltaMemory(nn.Module):
     """One layer's memory. h_t (d) is the layer's attention input; per state head:
 
-        q̃_t = L2norm(tanh(A_q h_t))  (d_k)     read query
+        q̃_t = L2norm(tanh(A_q h_t))  (d_k)     read query (query_conv = K > 1: Σ_{j<K} u_j ∘ A_q h_{t-j} inside)
         k̃_t = L2norm(tanh(A_k h_t))  (d_k)     write key (key_conv = K > 1: Σ_{j<K} w_j ∘ A_k h_{t-j} inside)
         v_t = A_v h_t                (r)       value
         β_t = sigmoid(W_β h_t + b_β)  (r or 1)  write strength per state row
@@ -479,6 +494,12 @@ class DeltaMemory(nn.Module):
         self.key_conv = None                                             # (K, H·d_k) weights w_j
         if cfg.key_conv > 1:
             self.key_conv = nn.Parameter(torch.full((cfg.key_conv, H * dk), 1.0 / cfg.key_conv))
+        # query_conv = K > 1: the same on the read side, q̃_t = L2norm(tanh(Σ_{j<K} u_j ∘ A_q h_{t-j})). Why: at
+        # the answer slot ("Where does Alice live?\nA:") h_t may say what is asked but not about whom; the
+        # name sits 4-8 tokens back, and a read that cannot see it can only find facts by their attribute.
+        self.query_conv = None                                           # (K, H·d_k) weights u_j
+        if cfg.query_conv > 1:
+            self.query_conv = nn.Parameter(torch.full((cfg.query_conv, H * dk), 1.0 / cfg.query_conv))
         gate = H * (r if cfg.gates == "rowwise" else 1)
         self.W_beta = nn.Linear(d, gate, bias=True)
         nn.init.zeros_(self.W_beta.weight)                               # β starts the same everywhere
@@ -509,9 +530,17 @@ class DeltaMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
 
-    def read_query(self, x):
-        """Unit read queries q̃ (B, H, T, d_k) of x (B, T, d)."""
-        return F.normalize(torch.tanh(self._heads(self.A_q(x), self.cfg.key_dim)), dim=-1)
+    def read_query(self, x, n_windows=1, cache=None):
+        """Unit read queries q̃ (B, H, T, d_k) of x (B, T, d), T = n_windows windows of equal length (the
+        query convolution restarts in each). cache (decoding, one window): keeps the last K-1 A_q h_t, so a
+        new token's query sees the tokens before it."""
+        a = self.A_q(x)                                                  # (B, T, H·d_k)
+        if self.query_conv is not None:
+            past = cache.get("q_raw") if cache is not None else None     # (B, K-1, H·d_k) or None
+            a, tail = causal_conv(a, self.query_conv, n_windows, past)
+            if cache is not None:
+                cache["q_raw"] = tail
+        return F.normalize(torch.tanh(self._heads(a, self.cfg.key_dim)), dim=-1)
 
     def write_terms(self, x, n_windows=1, real=None):
         """Write-side projections of x (B, T, d), T = n_windows windows of equal (padded) length: unit
@@ -524,11 +553,7 @@ class DeltaMemory(nn.Module):
         alone, never on how much padding the other episodes of a batch gave the window before it."""
         a = self.A_k(x)                                                  # (B, T, H·d_k)
         if self.key_conv is not None:
-            K, (B, T, E) = self.key_conv.size(0), a.shape
-            L = T // n_windows
-            a = F.pad(a.reshape(B * n_windows, L, E), (0, 0, K - 1, 0))  # (B·W, K-1+L, H·d_k)
-            a = sum(w * a[:, K - 1 - j:K - 1 - j + L] for j, w in enumerate(self.key_conv))  # (B·W, L, H·d_k)
-            a = a.reshape(B, T, E)                                       # Σ_j w_j ∘ a_{t-j}, back to one stream
+            a = causal_conv(a, self.key_conv, n_windows)[0]              # (B, T, H·d_k)
         k = F.normalize(torch.tanh(self._heads(a, self.cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
         v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
         gate = lambda W: torch.sigmoid(self._heads(W(x), W.out_features // self.cfg.heads))  # (B, H, T, r|1)
@@ -539,19 +564,20 @@ class DeltaMemory(nn.Module):
             keep = 1 - beta if self.cfg.update == "delta" else torch.ones_like(beta)
         return k, v, beta, keep
 
-    def forward(self, h, write=False, n_windows=1, mask=None, seg=None):
+    def forward(self, h, write=False, n_windows=1, mask=None, seg=None, cache=None):
         """h (N, L, d) with N = B * n_windows: window w of episode b is row b * n_windows + w.
 
         The windows of an episode are one stream for the memory (the state runs through all of
         them in order), while attention never looks past a window. mask (N, L) marks real tokens
         (padding never writes); seg (N, L) numbers the lines inside a window (SSW), -1 on padding.
+        cache: decoding (reads only): the layer's cache dict, for the query convolution's last tokens.
         Returns the corrections (dq, do), each (N, L, d) or None.
         """
         cfg = self.cfg
         N, L, d = h.shape
         B, T = N // n_windows, n_windows * L
         x = h.reshape(B, T, d)                                           # (B, T, d) one stream
-        q = self.read_query(x)                                           # (B, H, T, d_k)
+        q = self.read_query(x, n_windows, cache)                         # (B, H, T, d_k)
         S = self.state
         if S is None:
             S = x.new_zeros(B, cfg.heads, cfg.rank, cfg.key_dim, dtype=torch.float32)
@@ -667,7 +693,7 @@ class DeltaMemGPT(nn.Module):
 
         write=True streams the windows through the memory (each token, or each line with SSW,
         writes); write=False only reads the current state (questions). cache: the backbone's decoding
-        cache (GPT.forward); reads need no cache of their own, each token reads S by itself.
+        cache (GPT.forward); a read keeps there only what its query convolution needs (DeltaMemory.read_query).
         logits=False (with write=True): only write, return (None, None); what training's write pass runs.
         """
         if write and cache is not None:
@@ -677,7 +703,7 @@ class DeltaMemGPT(nn.Module):
         idx, targets, mask, seg = flat(idx), flat(targets), flat(mask), flat(seg)
         mems = [None] * self.gpt.config.n_layer
         for i, mem in self.memories.items():
-            mems[int(i)] = lambda h, mem=mem: mem(h, write, n_windows, mask, seg)
+            mems[int(i)] = lambda h, cache=None, mem=mem: mem(h, write, n_windows, mask, seg, cache)
         if write and not logits:
             return self._write_only(idx, mems)
         return self.gpt(idx, targets, mems=mems, cache=cache)
@@ -699,7 +725,7 @@ class DeltaMemGPT(nn.Module):
         """Greedy answers read from the memory (writes off). idx (B, T) -> (B, T + new)."""
         mems = [None] * self.gpt.config.n_layer
         for i, mem in self.memories.items():
-            mems[int(i)] = lambda h, mem=mem: mem(h)
+            mems[int(i)] = lambda h, cache=None, mem=mem: mem(h, cache=cache)
         return self.gpt.generate(idx, max_new_tokens, temperature=0, stop_token=stop_token, mems=mems)
 
     def param_counts(self):

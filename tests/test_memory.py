@@ -242,24 +242,27 @@ def test_streaming_windows_in_two_calls_equals_one_call(write, key_conv):
     assert_close("full", full, both, atol=1e-5)
 
 
-def test_key_conv_is_a_causal_convolution_of_the_key_projection():
-    """k_t = L2norm(tanh(Σ_j w_j ∘ A_k h_{t-j})) over the tokens of t's own window, by hand; at init
-    (w = 1/3 each) the mean of the last three projections, fewer at a window's start."""
+@pytest.mark.parametrize("side", ["key", "query"])
+def test_key_and_query_conv_are_causal_convolutions_of_their_projection(side):
+    """k_t = L2norm(tanh(Σ_j w_j ∘ A_k h_{t-j})) over the tokens of t's own window, by hand (and q_t the
+    same with u_j, A_q); at init (1/3 each) the mean of the last three projections, fewer at a window's
+    start."""
     torch.manual_seed(0)
     d, T = 16, 8
-    mem = DeltaMemory(d, MemoryConfig(key_dim=4, rank=2, key_conv=3))
+    mem = DeltaMemory(d, MemoryConfig(key_dim=4, rank=2, **{f"{side}_conv": 3}))
     x = torch.randn(2, T, d)
-    a = mem.A_k(x)                                                       # (B, T, d_k)
+    proj, weights = (mem.A_k, lambda: mem.key_conv) if side == "key" else (mem.A_q, lambda: mem.query_conv)
+    of = (lambda x, n=1: mem.write_terms(x, n)[0]) if side == "key" else mem.read_query
+    a = proj(x)                                                          # (B, T, d_k)
     mean3 = torch.stack([a[:, max(0, t - 2):t + 1].sum(1) / 3 for t in range(T)], 1)
-    assert_close("mem.write_terms(x)[0][:, 0]", mem.write_terms(x)[0][:, 0], F.normalize(torch.tanh(mean3), dim=-1), atol=1e-6)
+    assert_close(f"{side}s", of(x)[:, 0], F.normalize(torch.tanh(mean3), dim=-1), atol=1e-6)
     with torch.no_grad():
-        mem.key_conv.normal_()
-    a, w = mem.A_k(x), mem.key_conv
+        weights().normal_()
+    w = weights()
     for n_windows in (1, 2):                                             # 2: windows of 4, t = 4 starts anew
         L = T // n_windows
         ref = torch.stack([sum(w[j] * a[:, t - j] for j in range(3) if t - j >= t // L * L) for t in range(T)], 1)
-        k = mem.write_terms(x, n_windows)[0]
-        assert_close(f"k[:, 0] {n_windows}", k[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
+        assert_close(f"{side}s[:, 0] {n_windows}", of(x, n_windows)[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
 
 
 def test_reads_leave_the_state_unchanged_and_padding_never_writes():
@@ -376,7 +379,7 @@ def test_chunkwise_long_chunk_of_strong_decay_stays_finite():
                                                                          # that alone is off by up to 6e-4
 
 
-@pytest.mark.parametrize("with_memory,smear", [(False, 1), (True, 1), ("lora", 1), (False, 3), (True, 3)])
+@pytest.mark.parametrize("with_memory,smear", [(False, 1), (True, 1), ("lora", 1), (False, 3), (True, 3), ("query_conv", 1)])
 def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, smear):
     # prompt of 6 tokens into the cache, then 4 tokens one at a time: the same logits as one full pass
     gpt = tiny_gpt(smear_keys=smear).eval()
@@ -389,8 +392,9 @@ def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, sm
         if with_memory == "lora":
             from train_memory import LoRAGPT
             model = LoRAGPT(gpt, MemoryConfig(), rank=4).eval()
-        else:
-            model = DeltaMemGPT(gpt, MemoryConfig(chunk_size=4)).eval()
+        else:                                                            # query_conv: the read sees 3 tokens
+            conv = 3 if with_memory == "query_conv" else 1
+            model = DeltaMemGPT(gpt, MemoryConfig(chunk_size=4, query_conv=conv)).eval()
         with torch.no_grad():
             for mem in model.memories.values():                          # corrections that matter
                 for p in mem.parameters():
