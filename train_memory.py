@@ -56,7 +56,7 @@ DEFAULTS = dict(
     # (the recipe that binds, README "What makes a memory bind": a decay gate of its own, keys that see the
     # name, two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
     key_dim=8, rank=8, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
-    layers="1,2", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=4, decay_bias=6.0,
+    layers="1,2", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=4, query_conv=1, decay_bias=6.0,
     # training
     max_iters=300, batch_size=16, learning_rate=3e-2, min_lr=1e-3, warmup_iters=20, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
@@ -65,6 +65,7 @@ DEFAULTS = dict(
     general_reg=0.5, general_len=64,  # + general_reg x LM loss of corpus text read with the episode's state
     state_margin=0.0,             # + state_margin x softplus(1 - (loss with another episode's state - own loss))
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
+    bind_rivals="all",            # ... among all the episode's facts | same: only facts of the asked attribute
     context_reg=0.5,              # + context_reg x LM loss of the episode's own history read with its state
     aux_share=0.5,                # share of steps that add the context and general terms (spread evenly)
     dense_questions=True,         # training msqa episodes ask about every stated fact (reads are cheap)
@@ -142,7 +143,7 @@ def memory_config(cfg, **over):
     kw = dict(key_dim=cfg["key_dim"], rank=cfg["rank"], heads=cfg["heads"], write_unit=cfg["write"],
               sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
               gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"],
-              key_conv=cfg["key_conv"], decay_bias=cfg["decay_bias"])
+              key_conv=cfg["key_conv"], query_conv=cfg["query_conv"], decay_bias=cfg["decay_bias"])
     kw.update(over)
     try:
         return MemoryConfig(**kw)
@@ -224,7 +225,8 @@ def episode_loss(model, batch, cfg, device, general=None, sites=None, context=No
         _, loss = model(qx, qy)
         reads = dict(seen)                                               # (B·Q, Lq, d)
     if sites is not None and cfg["bind_reg"] > 0:
-        bind = binding_loss(model, writes, reads, sites, batch["hist"].size(1), qx.size(1))
+        bind = binding_loss(model, writes, reads, sites, batch["hist"].size(1), qx.size(1),
+                            same_kind=cfg["bind_rivals"] == "same")
         if bind is not None:
             loss = loss + cfg["bind_reg"] * bind
     if cfg["state_margin"] > 0 and model.memory_state():                 # the official trainer's state anchor:
@@ -462,19 +464,21 @@ def binding_sites(enc, episodes, batch, block_size):
     return out
 
 
-def binding_loss(model, writes, reads, sites, W, Q, tau=0.1):
+def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
     """Key-query matching, trained directly: at each answer, a softmax over the episode's facts of
     q̃·k̃ / tau must pick the asked fact's write key (an InfoNCE term; the rest of the memory is untouched).
     Older statements of the asked slot are left out of the softmax: the delta rule overwrites them under
-    the same key. writes / reads: LayerInputs of the write and read passes; sites: binding_sites."""
+    the same key. same_kind: the only rivals are facts of the asked fact's attribute (other people's), the
+    ones that only the person tells apart. writes / reads: LayerInputs of the write and read passes; sites:
+    binding_sites."""
     losses = []
     for i, mem in model.memories.items():
         if not hasattr(mem, "write_terms"):                               # LoRA: no keys
             continue
         B = len(sites)
         k = mem.write_terms(writes[i].reshape(B, -1, writes[i].size(-1)), W)[0]  # (B, H, T, d_k)
-        q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)))   # (B, H, Q·Lq, d_k)
-        for b, (pos, slots, asked, _) in enumerate(sites):
+        q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)), len(reads[i]) // B)  # (B, H, Q·Lq, d_k)
+        for b, (pos, slots, asked, kinds) in enumerate(sites):
             if not asked:
                 continue
             ks = k[b, :, pos.to(k.device)]                               # (H, F, d_k)
@@ -483,6 +487,8 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1):
             target = torch.tensor([a for _, _, a in asked], device=k.device)
             same = slots[target.cpu()][:, None] == slots[None, :]        # (A, F) the asked slot's statements
             same[torch.arange(len(target)), target] = False              # ... but the asked one itself
+            if same_kind:                                                # and facts of other attributes
+                same |= kinds[target.cpu()][:, None] != kinds[None, :]
             losses.append(F.cross_entropy(logits.masked_fill(same.to(k.device), float("-inf")), target))
     return torch.stack(losses).mean() if losses else None
 
@@ -548,7 +554,7 @@ def diagnose(model, enc, episodes, device):
     out = {}
     for i, mem in model.memories.items():
         k, _, _, keep = mem.write_terms(writes[i].reshape(B, W * L, -1), W)  # (B, H, T, d_k), (B, H, T, r|1)
-        q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)))   # (B, H, Q·Lq, d_k)
+        q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)), len(reads[i]) // B)  # (B, H, Q·Lq, d_k)
         ret, sep, margin, same_sep, same_margin = [], [], [], [], []
         for b, (pos, slots, asked, kinds) in enumerate(sites):
             if len(pos) == 0:
@@ -948,6 +954,8 @@ def check_config(cfg):
     check_positive(cfg, ("max_iters", "batch_size", "learning_rate", "eval_episodes", "log_interval", "eval_interval"))
     if cfg["task"] not in ("msqa", "recall", "overwrites", "mix"):
         raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, overwrites, mix")
+    if cfg["bind_rivals"] not in ("all", "same"):
+        raise UserError(f"--bind_rivals={cfg['bind_rivals']!r} is not valid; choose all or same")
     if cfg["episode_preset"] not in tasks.PRESETS:
         raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
                         f"{', '.join(tasks.PRESETS)}")

@@ -69,7 +69,8 @@ PRESETS = presets("ablate")                       # PRESET_TABLE: the memory's, 
 # (which changes nothing), so the finished cells of an older sweep keep their names and are skipped
 ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0, "bind_reg": 0.0,
                "dense_questions": False, "context_reg": 0.0, "shared_share": 0.0,
-               "aux_share": 1.0, "max_questions": 0}
+               "aux_share": 1.0, "max_questions": 0, "query_conv": 1,
+               "bind_rivals": "all"}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs", "seed")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[1, 2, 4, 8, 12, 16], update=["gated", "hebbian"])  # trained, recall

@@ -366,7 +366,7 @@ def test_binding_term_leaves_the_asked_slots_older_statements_out():
     class Mem(torch.nn.Module):                                          # keys and queries given by hand
         def write_terms(self, x, n_windows):
             return (x[:, None],)
-        def read_query(self, x):
+        def read_query(self, x, n_windows=1):
             return x[:, None]
     model = torch.nn.Module()
     model.memories = torch.nn.ModuleDict({"0": Mem()})
