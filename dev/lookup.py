@@ -1,0 +1,206 @@
+"""
+Binding by name, two instruments: can the backbone, and can a memory key, find a fact by its person?
+
+    python dev/lookup.py                                   # both, on out/backbone.pt, N = 4 (about 2 CPU-minutes)
+    python dev/lookup.py --backbone=CKPT --n_people=2 --conv=1,4,8 --layers=1,2
+
+Both use episodes where N people share one attribute (data/tasks.make_shared: "Alice lives in Paris.",
+"Bob lives in Rome.", ... then "Where does Alice live?"), so the attribute's type alone finds the
+asked fact at chance 1/N.
+
+1. attention   With the history in context, each layer's attention at the answer slot (the prompt's
+               last token, "A:"), summed over each stated value's tokens. Per layer, the head that looks
+               at the values most: its mass on the asked person's value, on one rival's, and how often
+               the asked value gets more than every rival ("top", chance 1/N). A lookup by name gives
+               top near 1; a lookup by the attribute's type spreads its mass evenly (top near 1/N).
+2. keys        Could a memory key and query find the person in this backbone's layer inputs? A key
+               k = L2norm(tanh(Σ_j w_j ∘ A_k h_{t-j})) at each value's first token and a query q (the same
+               with u_j, A_q) at the answer slot of the question read alone, as DeltaMemory computes them
+               with key_conv = query_conv = K. Only A_k, A_q, w, u are fitted, by an InfoNCE over the N
+               facts (train-side episodes), then scored on other train-side episodes: top-1 of q·k (chance 1/N).
+               K = 1 is the paper's memory; the name sits 3-5 tokens before a value and 5-8 before the
+               answer slot, so only a conv that reaches it can bind by name.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from train_backbone import load_backbone, run_cli  # noqa: E402
+from data import tasks  # noqa: E402
+from data.config import UserError, parse_config  # noqa: E402
+from data.prepare import load_tokenizer  # noqa: E402
+
+DEFAULTS = dict(backbone="out/backbone.pt", data_dir="data/pydoc", n_people=4, episodes=40, fit_episodes=300,
+                conv="1,4,8", layers="1,2", key_dim=8, fit_steps=600, seed=0)
+
+
+class Attention:
+    """with Attention() as att: the model's forward records every layer's attention weights of its last
+    position, att[layer] (n_head, S), by computing SDPA by hand (same output)."""
+
+    def __enter__(self):
+        self.sdpa, self.rows = F.scaled_dot_product_attention, []
+
+        def sdpa(q, k, v, is_causal=False, dropout_p=0.0, **kw):
+            T, S = q.size(-2), k.size(-2)
+            att = (q @ k.transpose(-1, -2)) / q.size(-1) ** 0.5           # (B, nh, T, S)
+            if is_causal:
+                att = att.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            att = att.softmax(-1)
+            self.rows.append(att[0, :, -1])                               # (nh, S) the last position's
+            return att @ v
+        F.scaled_dot_product_attention = sdpa
+        return self.rows
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self.sdpa
+
+
+def value_sites(enc, ep):
+    """History token ids and, per stated fact (person, value), the token indices of its value in the
+    statement line; None when the episode states some fact twice (the generator's shared episodes do not)."""
+    hist = tasks.render_history(ep)
+    ids = enc.encode_ordinary(hist)
+    ends = np.cumsum([len(enc.decode_single_token_bytes(t)) for t in ids])  # byte offsets (the text is ASCII)
+    sites = {}
+    for _, person, attr, value in tasks.parse_facts(ep):
+        if attr not in tasks.ATTRIBUTES or person in sites:
+            return ids, None
+        line = next(line for line in hist.split("\n") if person in line and " " + value in line)
+        start = hist.index(line) + line.rfind(" " + value)               # the value's leading space
+        first = int(np.searchsorted(ends, start, side="right"))          # the token that holds it
+        sites[person] = (value, list(range(first, first + len(enc.encode_ordinary(" " + value)))))
+    return ids, sites
+
+
+def questions(ep, sites):
+    """(question, asked person) for every question whose gold answer is one person's stated value."""
+    out = []
+    for q in ep.questions:
+        asked = [p for p, (v, _) in sites.items() if v == q.a]
+        if len(asked) == 1:
+            out.append((q, asked[0]))
+    return out
+
+
+@torch.no_grad()
+def attention_lookup(model, enc, episodes):
+    """Per layer (n_head, 3): mean mass on the asked value, mean mass on one rival value, and the share of
+    questions whose asked value gets more mass than every rival."""
+    stats, count = np.zeros((len(model.blocks), model.config.n_head, 3)), 0
+    for ep in episodes:
+        ids, sites = value_sites(enc, ep)
+        if not sites:
+            continue
+        for q, asked in questions(ep, sites):
+            prompt = (ids + tasks.question_prompt(enc, q))[-model.config.block_size:]
+            shift = len(ids) + len(tasks.question_prompt(enc, q)) - len(prompt)  # tokens cut on the left
+            with Attention() as rows:
+                model(torch.tensor([prompt]))
+            for layer, att in enumerate(rows):
+                mass = {p: att[:, [t - shift for t in toks if t >= shift]].sum(-1).numpy()
+                        for p, (_, toks) in sites.items()}               # (nh,) per person
+                rivals = [m for p, m in mass.items() if p != asked]
+                stats[layer, :, 0] += mass[asked]
+                stats[layer, :, 1] += np.mean(rivals, 0)
+                stats[layer, :, 2] += np.all([mass[asked] > r for r in rivals], 0)
+            count += 1
+    return stats / max(count, 1)
+
+
+def layer_inputs(model, layer, ids):
+    """The attention input h (T, d) of `layer` on token ids."""
+    seen = {}
+    hook = model.blocks[layer].ln_1.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o[0]))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    hook.remove()
+    return seen["h"]
+
+
+def lookback(h, t, K):
+    """(K, d): h_t, h_{t-1}, ..., h_{t-K+1}, zeros before the sequence's start."""
+    return torch.stack([h[t - j] if t >= j else torch.zeros_like(h[0]) for j in range(K)])
+
+
+def key_features(model, enc, episodes, layer, K):
+    """Key inputs (Qn, N, K, d) at each fact's first value token, query inputs (Qn, K, d) at the answer
+    slot of the question read alone, and the asked fact's index (Qn,)."""
+    keys, queries, asked_at = [], [], []
+    for ep in episodes:
+        ids, sites = value_sites(enc, ep)
+        if not sites:
+            continue
+        h = layer_inputs(model, layer, ids)
+        people = list(sites)
+        ks = torch.stack([lookback(h, sites[p][1][0], K) for p in people])   # (N, K, d)
+        for q, asked in questions(ep, sites):
+            prompt = tasks.question_prompt(enc, q)
+            keys.append(ks)
+            queries.append(lookback(layer_inputs(model, layer, prompt), len(prompt) - 1, K))
+            asked_at.append(people.index(asked))
+    return torch.stack(keys), torch.stack(queries), torch.tensor(asked_at)
+
+
+def fit_keys(train, test, key_dim, steps, seed, tau=0.1):
+    """Fit A_k, A_q, w, u by InfoNCE on train; (train, test) top-1 of the asked fact's key."""
+    torch.manual_seed(seed)
+    K, d = train[1].shape[-2:]
+    A_k, A_q = torch.nn.Linear(d, key_dim, bias=False), torch.nn.Linear(d, key_dim, bias=False)
+    w, u = (torch.nn.Parameter(torch.full((K, key_dim), 1.0 / K)) for _ in range(2))  # DeltaMemory's init
+
+    def logits(keys, queries):
+        k = F.normalize(torch.tanh((A_k(keys) * w).sum(-2)), dim=-1)     # (Qn, N, d_k)
+        q = F.normalize(torch.tanh((A_q(queries) * u).sum(-2)), dim=-1)  # (Qn, d_k)
+        return (k @ q[..., None])[..., 0] / tau                          # (Qn, N)
+    opt = torch.optim.Adam([*A_k.parameters(), *A_q.parameters(), w, u], lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(logits(*train[:2]), train[2])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return tuple((logits(*s[:2]).argmax(-1) == s[2]).float().mean().item() for s in (train, test))
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS)
+    n, convs, layers = cfg["n_people"], [int(x) for x in str(cfg["conv"]).split(",")], \
+        [int(x) for x in str(cfg["layers"]).split(",")]
+    if not 2 <= n <= 16 or min(convs) < 1:
+        raise UserError("--n_people must be in 2..16 and --conv a list of whole numbers >= 1, e.g. --conv=1,4,8")
+    if not os.path.exists(cfg["backbone"]):
+        raise UserError(f"backbone {cfg['backbone']} not found: train one with `python train_backbone.py`")
+    model = load_backbone(cfg["backbone"])[0].eval()
+    if not all(0 <= layer < len(model.blocks) for layer in layers):
+        raise UserError(f"--layers={cfg['layers']}: this backbone has layers 0..{len(model.blocks) - 1}")
+    enc = load_tokenizer(cfg["data_dir"])
+    rng = np.random.default_rng(cfg["seed"])
+    held_out = [tasks.make_shared(rng, n, split="train") for _ in range(cfg["episodes"])]  # train-side: never tune on held-out
+
+    print(f"1. attention at the answer slot, history in context, N = {n} people share one attribute "
+          f"({cfg['episodes']} episodes; top: chance {1 / n:.2f})")
+    for layer, s in enumerate(attention_lookup(model, enc, held_out)):
+        h = int(np.argmax(s[:, 0]))
+        print(f"  layer {layer}: head {h}: on the asked value {s[h, 0]:.3f}, on a rival's {s[h, 1]:.3f}, "
+              f"top {s[h, 2]:.2f} | top of every head: {' '.join(f'{x:.2f}' for x in s[:, 2])}", flush=True)
+
+    fit = [tasks.make_shared(rng, n, split="train") for _ in range(cfg["fit_episodes"])]
+    print(f"2. memory keys fitted to find the person (InfoNCE on {cfg['fit_episodes']} train-side episodes, "
+          f"d_k = {cfg['key_dim']}; top-1 on {cfg['episodes']} others, chance {1 / n:.2f})")
+    for layer in layers:
+        for K in convs:
+            train, test = (key_features(model, enc, eps, layer, K) for eps in (fit, held_out))
+            tr, te = fit_keys(train, test, cfg["key_dim"], cfg["fit_steps"], cfg["seed"])
+            print(f"  layer {layer}, key_conv = query_conv = {K}: top-1 {te:.2f} (on the fitted episodes {tr:.2f})",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)

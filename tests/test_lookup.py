@@ -1,0 +1,60 @@
+"""dev/lookup.py: the value sites decode to the values, recording attention leaves the model's output
+unchanged, and the key fit finds a name only a conv that reaches it can see."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close, tiny_gpt
+from data import tasks
+from dev import lookup as LK
+
+
+def test_value_sites_decode_to_each_persons_value(enc):
+    rng = np.random.default_rng(0)
+    for n in (2, 4, 8):
+        ep = tasks.make_shared(rng, n, split="train")
+        ids, sites = LK.value_sites(enc, ep)
+        assert sites is not None and len(sites) == n
+        for person, (value, toks) in sites.items():
+            assert enc.decode(ids[toks[0]:toks[-1] + 1]) == " " + value, person
+        values = [v for v, _ in sites.values()]                         # two people may share a value:
+        unique = sorted(p for p, (v, _) in sites.items() if values.count(v) == 1)   # their questions are skipped
+        qs = LK.questions(ep, sites)
+        assert sorted(p for _, p in qs) == unique and all(p in q.q for q, p in qs)
+
+
+def test_attention_capture_keeps_the_output_and_gives_each_layers_softmax_row():
+    model = tiny_gpt(n_layer=3).eval()
+    x, sdpa = torch.randint(0, 64, (1, 20)), torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        ref, _ = model(x)
+        with LK.Attention() as rows:
+            got, _ = model(x)
+    assert_close("logits with attention recorded", got, ref, atol=1e-5)
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa          # restored on exit
+    assert len(rows) == 3
+    for att in rows:
+        assert att.shape == (2, 20)                                      # (n_head, S) of the last position
+        assert_close("attention row sums", att.sum(-1), torch.ones(2), atol=1e-5)
+
+
+def test_key_fit_binds_a_name_only_a_conv_that_reaches_it_sees():
+    """Keys: offset 0 holds the shared attribute, offset 1 the person's name; the query holds the asked
+    person's name at offset 0. K = 1 keys see only the attribute (chance 1/N); K = 2 see the name."""
+    g = torch.Generator().manual_seed(0)
+    N, d, names = 4, 16, torch.randn(50, 16, generator=torch.Generator().manual_seed(1))
+    attr = torch.randn(d, generator=g)
+
+    def make(n):
+        who = torch.stack([torch.randperm(50, generator=g)[:N] for _ in range(n)])   # (n, N) people
+        asked = torch.randint(0, N, (n,), generator=g)
+        keys = torch.stack([attr.expand(n, N, d), names[who]], 2)         # (n, N, 2, d): h_t, h_{t-1}
+        queries = torch.stack([names[who[torch.arange(n), asked]], torch.zeros(n, d)], 1)  # (n, 2, d)
+        return keys, queries, asked
+
+    train, test = make(400), make(200)
+    _, top1_k1 = LK.fit_keys((train[0][:, :, :1], train[1][:, :1], train[2]),
+                             (test[0][:, :, :1], test[1][:, :1], test[2]), key_dim=8, steps=200, seed=0)
+    _, top1_k2 = LK.fit_keys(train, test, key_dim=8, steps=200, seed=0)
+    assert top1_k1 < 0.45                                                # identical keys: at most chance-ish
+    assert top1_k2 > 0.9
