@@ -3,6 +3,7 @@ Binding by name, two instruments: can the backbone, and can a memory key, find a
 
     python dev/lookup.py                                   # both, on out/backbone.pt, N = 4 (about 2 CPU-minutes)
     python dev/lookup.py --backbone=CKPT --n_people=2 --conv=1,4,8 --layers=1,2
+    python dev/lookup.py --conv=8 --fit_batch=64 --fit_steps=300 --fit_lr=3e-2   # as a training run would fit them
 
 Both use episodes where N people share one attribute (data/tasks.make_shared: "Alice lives in Paris.",
 "Bob lives in Rome.", ... then "Where does Alice live?"), so the attribute's type alone finds the
@@ -37,7 +38,7 @@ from data.config import UserError, parse_config  # noqa: E402
 from data.prepare import load_tokenizer  # noqa: E402
 
 DEFAULTS = dict(backbone="out/backbone.pt", data_dir="data/pydoc", n_people=4, episodes=40, fit_episodes=300,
-                conv="1,4,8", layers="1,2", key_dim=8, fit_steps=600, seed=0)
+                conv="1,4,8", layers="1,2", key_dim=8, fit_steps=600, fit_lr=1e-2, fit_batch=0, seed=0)
 
 
 class Attention:
@@ -148,9 +149,11 @@ def key_features(model, enc, episodes, layer, K):
     return torch.stack(keys), torch.stack(queries), torch.tensor(asked_at)
 
 
-def fit_keys(train, test, key_dim, steps, seed, tau=0.1):
-    """Fit A_k, A_q, w, u by InfoNCE on train; (train, test) top-1 of the asked fact's key."""
+def fit_keys(train, test, key_dim, steps, seed, tau=0.1, lr=1e-2, batch=0):
+    """Fit A_k, A_q, w, u by InfoNCE on train (Adam at lr; batch > 0: a random `batch` of questions a step,
+    as training sees them, else all of them); (train, test) top-1 of the asked fact's key."""
     torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     K, d = train[1].shape[-2:]
     A_k, A_q = torch.nn.Linear(d, key_dim, bias=False), torch.nn.Linear(d, key_dim, bias=False)
     w, u = (torch.nn.Parameter(torch.full((K, key_dim), 1.0 / K)) for _ in range(2))  # DeltaMemory's init
@@ -159,9 +162,10 @@ def fit_keys(train, test, key_dim, steps, seed, tau=0.1):
         k = F.normalize(torch.tanh((A_k(keys) * w).sum(-2)), dim=-1)     # (Qn, N, d_k)
         q = F.normalize(torch.tanh((A_q(queries) * u).sum(-2)), dim=-1)  # (Qn, d_k)
         return (k @ q[..., None])[..., 0] / tau                          # (Qn, N)
-    opt = torch.optim.Adam([*A_k.parameters(), *A_q.parameters(), w, u], lr=1e-2)
+    opt = torch.optim.Adam([*A_k.parameters(), *A_q.parameters(), w, u], lr=lr)
     for _ in range(steps):
-        loss = F.cross_entropy(logits(*train[:2]), train[2])
+        i = torch.randint(0, len(train[2]), (batch,), generator=g) if batch else slice(None)
+        loss = F.cross_entropy(logits(train[0][i], train[1][i]), train[2][i])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -175,6 +179,8 @@ def main(argv=None):
         [int(x) for x in str(cfg["layers"]).split(",")]
     if not 2 <= n <= 16 or min(convs) < 1:
         raise UserError("--n_people must be in 2..16 and --conv a list of whole numbers >= 1, e.g. --conv=1,4,8")
+    if not (cfg["fit_lr"] > 0 and cfg["fit_steps"] >= 1 and cfg["fit_batch"] >= 0):
+        raise UserError("--fit_lr must be > 0, --fit_steps >= 1 and --fit_batch >= 0 (0: every question each step)")
     if not os.path.exists(cfg["backbone"]):
         raise UserError(f"backbone {cfg['backbone']} not found: train one with `python train_backbone.py`")
     model = load_backbone(cfg["backbone"])[0].eval()
@@ -192,12 +198,15 @@ def main(argv=None):
               f"top {s[h, 2]:.2f} | top of every head: {' '.join(f'{x:.2f}' for x in s[:, 2])}", flush=True)
 
     fit = [tasks.make_shared(rng, n, split="train") for _ in range(cfg["fit_episodes"])]
+    how = f"batches of {cfg['fit_batch']} questions" if cfg["fit_batch"] else "all of them a step"
     print(f"2. memory keys fitted to find the person (InfoNCE on {cfg['fit_episodes']} train-side episodes, "
-          f"d_k = {cfg['key_dim']}; top-1 on {cfg['episodes']} others, chance {1 / n:.2f})")
+          f"{how}, {cfg['fit_steps']} Adam steps at lr {cfg['fit_lr']:g}, d_k = {cfg['key_dim']}; "
+          f"top-1 on {cfg['episodes']} others, chance {1 / n:.2f})")
     for layer in layers:
         for K in convs:
             train, test = (key_features(model, enc, eps, layer, K) for eps in (fit, held_out))
-            tr, te = fit_keys(train, test, cfg["key_dim"], cfg["fit_steps"], cfg["seed"])
+            tr, te = fit_keys(train, test, cfg["key_dim"], cfg["fit_steps"], cfg["seed"], lr=cfg["fit_lr"],
+                              batch=cfg["fit_batch"])
             print(f"  layer {layer}, key_conv = query_conv = {K}: top-1 {te:.2f} (on the fitted episodes {tr:.2f})",
                   flush=True)
 

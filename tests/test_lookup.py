@@ -38,7 +38,8 @@ def test_attention_capture_keeps_the_output_and_gives_each_layers_softmax_row():
         assert_close("attention row sums", att.sum(-1), torch.ones(2), atol=1e-5)
 
 
-def test_key_fit_binds_a_name_only_a_conv_that_reaches_it_sees():
+@pytest.mark.parametrize("batch,steps", [(0, 200), (32, 400)])   # every question a step, or random batches
+def test_key_fit_binds_a_name_only_a_conv_that_reaches_it_sees(batch, steps):
     """Keys: offset 0 holds the shared attribute, offset 1 the person's name; the query holds the asked
     person's name at offset 0. K = 1 keys see only the attribute (chance 1/N); K = 2 see the name."""
     g = torch.Generator().manual_seed(0)
@@ -54,7 +55,17 @@ def test_key_fit_binds_a_name_only_a_conv_that_reaches_it_sees():
 
     train, test = make(400), make(200)
     _, top1_k1 = LK.fit_keys((train[0][:, :, :1], train[1][:, :1], train[2]),
-                             (test[0][:, :, :1], test[1][:, :1], test[2]), key_dim=8, steps=200, seed=0)
-    _, top1_k2 = LK.fit_keys(train, test, key_dim=8, steps=200, seed=0)
+                             (test[0][:, :, :1], test[1][:, :1], test[2]), key_dim=8, steps=steps, seed=0, batch=batch)
+    _, top1_k2 = LK.fit_keys(train, test, key_dim=8, steps=steps, seed=0, batch=batch)
     assert top1_k1 < 0.45                                                # identical keys: at most chance-ish
     assert top1_k2 > 0.9
+
+
+@pytest.mark.parametrize("flag,says", [("--n_people=1", "--n_people"), ("--conv=0,4", "--conv"),
+                                       ("--fit_lr=0", "--fit_lr"), ("--fit_batch=-1", "--fit_batch"),
+                                       ("--seed=0", "not found")])
+def test_bad_input_stops_with_a_one_line_error_before_any_work(flag, says, tmp_path):
+    from data.config import UserError
+    with pytest.raises(UserError) as err:                                # a missing backbone is checked last
+        LK.main([flag, f"--backbone={tmp_path / 'missing.pt'}"])
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
