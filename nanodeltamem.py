@@ -217,8 +217,11 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + T, device=idx.device)
         return self.drop(self.wte(idx) + self.wpe(pos))                  # (B, T, C)
 
-    def forward(self, idx, targets=None, mems=None, cache=None):
+    def forward(self, idx, targets=None, mems=None, cache=None, logits=True):
         """idx (B, T) token ids -> logits (B, T, V); loss if targets (B, T) are given.
+
+        logits=False (with targets): return (None, loss), the vocabulary head run only at the positions
+        that have a target; the same loss for less work where most positions have none (answers).
 
         mems: None, or one callable per layer (or None for a layer without memory), see Block.
         cache: None, or a dict (start with {}) that keeps every layer's keys and values: idx is then
@@ -228,12 +231,16 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = cache.setdefault(i, {}) if cache is not None else None
             x = block(x, mems[i] if mems is not None else None, layer_cache)  # (B, T, C)
-        logits = self.lm_head(self.ln_f(x))                              # (B, T, V)
+        x = self.ln_f(x)                                                 # (B, T, C)
+        if targets is not None and not logits:                           # the loss alone
+            keep = targets != IGNORE_INDEX                               # (B, T)
+            return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep])  # head on (N, C)
+        out = self.lm_head(x)                                            # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+            loss = F.cross_entropy(out.float().view(-1, out.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return out, loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, **fwd):
@@ -694,7 +701,8 @@ class DeltaMemGPT(nn.Module):
         write=True streams the windows through the memory (each token, or each line with SSW,
         writes); write=False only reads the current state (questions). cache: the backbone's decoding
         cache (GPT.forward); a read keeps there only what its query convolution needs (DeltaMemory.read_query).
-        logits=False (with write=True): only write, return (None, None); what training's write pass runs.
+        logits=False: the caller needs no logits. With write=True, only write and return (None, None), what
+        training's write pass runs; with targets, return (None, loss) (GPT.forward).
         """
         if write and cache is not None:
             raise ValueError("writes stream whole windows: decode with a cache only when reading (write=False)")
@@ -706,7 +714,7 @@ class DeltaMemGPT(nn.Module):
             mems[int(i)] = lambda h, cache=None, mem=mem: mem(h, write, n_windows, mask, seg, cache)
         if write and not logits:
             return self._write_only(idx, mems)
-        return self.gpt(idx, targets, mems=mems, cache=cache)
+        return self.gpt(idx, targets, mems=mems, cache=cache, logits=logits)
 
     def _write_only(self, idx, mems):
         """forward(write=True, logits=False): the same states, for less work. Nothing of the history's own

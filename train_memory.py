@@ -124,7 +124,7 @@ class LoRAGPT(DeltaMemGPT):
     def forward(self, idx, targets=None, write=False, mask=None, seg=None, cache=None, logits=True):
         if write:
             return None, None                                            # a LoRA has no memory to write
-        return super().forward(idx, targets, cache=cache)
+        return super().forward(idx, targets, cache=cache, logits=logits)
 
 
 def lora_rank_for(mcfg, d):
@@ -222,7 +222,7 @@ def episode_loss(model, batch, cfg, device, general=None, sites=None, context=No
               logits=False)
         writes = dict(seen)                                              # (B·W, L, d) per memory layer
         qx, qy = batch["qx"].to(device), batch["qy"].to(device)
-        _, loss = model(qx, qy)
+        _, loss = model(qx, qy, logits=False)                            # (B·Q, Lq): the head only at answers
         reads = dict(seen)                                               # (B·Q, Lq, d)
     if sites is not None and cfg["bind_reg"] > 0:
         bind = binding_loss(model, writes, reads, sites, batch["hist"].size(1), qx.size(1),
@@ -232,16 +232,16 @@ def episode_loss(model, batch, cfg, device, general=None, sites=None, context=No
     if cfg["state_margin"] > 0 and model.memory_state():                 # the official trainer's state anchor:
         own = model.memory_state()                                       # the answers must cost more with the
         model.set_memory_state([s.roll(1, 0) for s in own])              # next episode's state than with their
-        _, shuffled = model(qx, qy)                                      # own, so the prior alone earns nothing
+        _, shuffled = model(qx, qy, logits=False)                        # own, so the prior alone earns nothing
         model.set_memory_state(own)
         loss = loss + cfg["state_margin"] * F.softplus(1.0 - (shuffled - loss))
     b = mean_beta(model)
     if b is not None:
         loss = loss + cfg["beta_reg"] * (b - cfg["beta_target"]) ** 2
     if general is not None and cfg["general_reg"] > 0:
-        loss = loss + cfg["general_reg"] * model(general[0].to(device), general[1].to(device))[1]
+        loss = loss + cfg["general_reg"] * model(general[0].to(device), general[1].to(device), logits=False)[1]
     if context is not None and cfg["context_reg"] > 0:
-        loss = loss + cfg["context_reg"] * model(context[0].to(device), context[1].to(device))[1]
+        loss = loss + cfg["context_reg"] * model(context[0].to(device), context[1].to(device), logits=False)[1]
     return loss
 
 

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close, tiny_gpt
-from nanodeltamem import (GPT, GPTConfig, DeltaMemGPT, DeltaMemory, MemoryConfig, delta_rule_scan, weights_hash)
+from nanodeltamem import (GPT, GPTConfig, IGNORE_INDEX, DeltaMemGPT, DeltaMemory, MemoryConfig, delta_rule_scan,
+                         weights_hash)
 from train_backbone import load_memory, save_memory
 
 
@@ -193,6 +194,29 @@ def test_write_only_pass_gives_the_full_passes_states_and_gradients(layers, writ
         assert_close(f"state {i} (write-only pass vs full pass)", a, b, atol=1e-6)
     for i, (a, b) in enumerate(zip(g1, g2)):
         assert_close(f"gradient {i} (write-only pass vs full pass)", a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_only_read_gives_the_full_reads_loss_and_gradients():
+    """logits=False with targets runs the vocabulary head only where a target is: the same loss and
+    gradients as the full head, where most positions are IGNORE_INDEX (answers after a question)."""
+    model = DeltaMemGPT(tiny_gpt(n_layer=3), MemoryConfig(key_dim=4, rank=4, layers=(1,)))
+    hist, qs = torch.randint(0, 64, (2, 2, 12)), torch.randint(0, 64, (2, 3, 8))
+    ys = torch.full((2, 3, 8), IGNORE_INDEX)
+    ys[:, :, 5:7] = torch.randint(0, 64, (2, 3, 2))                      # two answer tokens per question
+    ys[1, 2] = IGNORE_INDEX                                              # a padded question
+    params = list(model.memories.parameters())
+    runs = []
+    for logits in (True, False):
+        model.reset_memory()
+        model(hist, write=True)
+        out, loss = model(qs, ys, logits=logits)
+        assert (out is None) == (not logits)
+        runs.append((loss, torch.autograd.grad(loss, params)))
+    (l1, g1), (l2, g2) = runs
+    assert_close("loss (head at the targets vs everywhere)", l2, l1, atol=1e-6)
+    for i, (a, b) in enumerate(zip(g2, g1)):
+        assert_close(f"gradient {i} (head at the targets vs everywhere)", a, b, atol=1e-7, rtol=1e-5)
+    assert abs(model(qs, ys.masked_fill(ys >= 0, 3), logits=False)[1].item() - l2.item()) > 1e-4  # targets count
 
 
 @pytest.mark.parametrize("write", ["token", "segment"])
