@@ -17,7 +17,7 @@ An episode is a history (dated chat sessions) plus questions. A training step, p
      + bind_reg 1.0 x binding_loss: at each answer, an InfoNCE over the episode's facts picks the
        asked fact's write key
      + context_reg 0.5 x the LM loss of the episode's own history (+ 2 answers) read with its state
-     + general_reg 0.5 x the LM loss of corpus text read with the state: stay quiet off-topic
+     + general_reg 1.0 x the LM loss of corpus text read with the state: stay quiet off-topic
        (these two on an aux_share 0.5 of the steps: the step's most costly tokens after the questions)
      + beta_reg 0.01 x (mean β of the write pass - beta_target 0.05)²: write sparingly.
 Then every condition (no_history, full_context, recent_window, retrieval, deltamem, lora, hebbian and their
@@ -62,7 +62,7 @@ DEFAULTS = dict(
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
     read_window_share=1.0,        # share of steps whose questions see the last read_window history tokens
                                   # (the others see none): 0.5 trains one memory for both read budgets
-    general_reg=0.5, general_len=64,  # + general_reg x LM loss of corpus text read with the episode's state
+    general_reg=1.0, general_len=64,  # + general_reg x LM loss of corpus text read with the episode's state
     state_margin=0.0,             # + state_margin x softplus(1 - (loss with another episode's state - own loss))
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
     bind_rivals="all",            # ... among all the episode's facts | same: only facts of the asked attribute
