@@ -220,8 +220,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, mems=None, cache=None, logits=True):
         """idx (B, T) token ids -> logits (B, T, V); loss if targets (B, T) are given.
 
-        logits=False (with targets): return (None, loss), the vocabulary head run only at the positions
-        that have a target; the same loss for less work where most positions have none (answers).
+        logits=False: return (None, loss), with the vocabulary head run only at the positions that have
+        a target; the same loss for less work where most positions have none (answers).
 
         mems: None, or one callable per layer (or None for a layer without memory), see Block.
         cache: None, or a dict (start with {}) that keeps every layer's keys and values: idx is then
@@ -232,15 +232,15 @@ class GPT(nn.Module):
             layer_cache = cache.setdefault(i, {}) if cache is not None else None
             x = block(x, mems[i] if mems is not None else None, layer_cache)  # (B, T, C)
         x = self.ln_f(x)                                                 # (B, T, C)
-        if targets is not None and not logits:                           # the loss alone
-            keep = targets != IGNORE_INDEX                               # (B, T)
-            return None, F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep])  # head on (N, C)
-        out = self.lm_head(x)                                            # (B, T, V)
+        if targets is not None and not logits:                           # the loss alone: only the N
+            keep = targets != IGNORE_INDEX                               # positions with a target
+            x, targets = x[keep], targets[keep]                          # (N, C), (N,)
+        out = self.lm_head(x)                                            # (B, T, V), or (N, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(out.float().view(-1, out.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return out, loss
+        return (out if logits else None), loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, **fwd):

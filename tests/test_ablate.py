@@ -49,8 +49,8 @@ def test_cells_are_the_cartesian_product_of_the_comma_lists():
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--learning_rate=0.5"]))[0]["cell"] != a
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--eval_episodes=3"]))[0]["cell"] == a
     # a setting added to train_memory later must not rename finished cells (add it to AB.ADDED_LATER):
-    # the default cell's name since general_reg 1 (a new recipe, a new name); the binding recipe's and the old defaults,
-    # spelled out, keep the names they had since their commits
+    # the default cell's name since general_reg 1 (a new recipe, a new name); the binding recipe's and the
+    # old defaults, spelled out, keep the names they had since their commits
     assert a == "dk8_r8_token_qo_gated_kc4_0a0963"
     was = ["--key_dim=8", "--rank=8", "--warmup_iters=30", "--aux_share=1.0", "--general_reg=0.5"]
     assert AB.make_cells(*AB.parse_args(was))[0]["cell"] == "dk8_r8_token_qo_gated_kc4_1176dc"
