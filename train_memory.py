@@ -52,6 +52,7 @@ DEFAULTS = dict(
     task="msqa",                  # msqa | recall | overwrites (recall, keys reassigned in later sessions) | mix
     episode_preset="small",       # size of the training/evaluation episodes (data/tasks.py presets)
     n_pairs=0,                    # task=recall: stored pairs per episode (0: the episode preset's)
+    max_pairs=0,                  # task=recall: N drawn per episode, log-uniform in [2, max_pairs] (0: n_pairs)
     # the memory (nanodeltamem.MemoryConfig)
     # (the recipe that binds, README "What makes a memory bind": a decay gate of its own, keys that see the
     # name, two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
@@ -189,6 +190,10 @@ def sample_episodes(rng, cfg, n, split="train"):
     out = []
     for _ in range(n):
         task = cfg["task"] if cfg["task"] != "mix" else ("msqa" if rng.random() < 0.5 else "recall")
+        if task == "recall" and cfg.get("max_pairs"):                    # N spread over a range (sweeps)
+            n = int(round(2 ** rng.uniform(1, np.log2(cfg["max_pairs"]))))
+            out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=n))
+            continue
         if task == "recall" and cfg["n_pairs"]:                          # a fixed number of pairs
             out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))
             continue
@@ -968,7 +973,9 @@ def check_config(cfg):
         general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1),
         read_window_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
         shared_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
-        aux_share=(lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.5"), max_questions=whole(0)))
+        aux_share=(lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.5"), max_questions=whole(0),
+        n_pairs=(lambda v: 0 <= v <= len(tasks.pools_for("train")["names"]), "0 or a number of pairs, e.g. 8"),
+        max_pairs=(lambda v: v == 0 or 2 <= v <= len(tasks.pools_for("train")["names"]), "0 or a number >= 2, e.g. 32")))
     check_device(cfg["device"])
     if cfg["layers"] != "all" and not all(x.strip().isdigit() for x in str(cfg["layers"]).split(",")):
         raise UserError(f"--layers={cfg['layers']} is not valid: use all or comma-separated layer indices, e.g. 0,2")

@@ -3,8 +3,10 @@ Ablations and pictures: change d_k or the rank, see what happens.
 
     python dev/ablate.py                                   # d_k x r grid (25 cells) -> out-ablate/ablate.csv + heatmap
     python dev/ablate.py --key_dim=2,4,8 --rank=8 --write=token,segment --update=delta,hebbian --max_iters=60
-    python dev/ablate.py --capacity                        # recall EM vs stored pairs N: gated vs hebbian, d_k 4, 8, 16
-    python dev/ablate.py --capacity --key_dim=8 --n_pairs=1,2,4,8,16 --max_iters=200   # one d_k, ~10 CPU-minutes
+    python dev/ablate.py --capacity [--quick]              # state size: recall EM vs stored pairs N, one line per d_k,
+                                                           # gated vs hebbian -> capacity.json + capacity.png
+    python dev/ablate.py --rank_sweep [--quick]            # rank: EM on iid and on unseen value words, r = 2..32
+                                                           # -> rank.json + rank.png
     python dev/ablate.py --state_capacity                  # the state alone, keys given, nothing trained (seconds)
     python dev/ablate.py --overwrites [--quick]            # slots restated in later sessions: 4 rules x 3 seeds
     python dev/ablate.py --work [--memory=CKPT]            # the state S and β token by token on one recall episode
@@ -16,6 +18,10 @@ product; every cell trains one memory in <out_dir>/cells/<cell>/ (train_memory.t
 interrupted cell resumes), is scored at 0 history tokens in context on held-out episodes, and appends
 one row to the CSV. Cells already in the CSV are skipped, so re-running the same command resumes.
 write=msw is token writes with --msw_heads states (MSW). Any train_memory.py flag works here too.
+--capacity trains one memory per (d_k, rule) on recall episodes whose N is spread over [2, max N] and scores
+it at each N of --n_pairs (one row per N); --rank_sweep trains one per r at --n_pairs=8 and scores it at
+N = 8 and N = 1 on the iid and values splits. Both use the recipe that binds recall pairs by name
+(SWEEP_RECIPE); --quick runs the two ends of the swept axis in fewer steps (a class period).
 --state_capacity needs no backbone: it writes random unit keys and values straight into the scan
 (delta_rule_scan) and rewrites state_capacity.csv + state_capacity.png in seconds.
 """
@@ -52,7 +58,8 @@ DEFAULTS = dict(
     eval_episodes=16,             # held-out episodes per split, per cell
     splits="iid",                 # which held-out splits to score (train_memory.EVAL_SPLITS)
     msw_heads=4,                  # states per layer for write=msw
-    capacity=False,               # the capacity sweep (task=recall, axis n_pairs) instead of the grid
+    capacity=False,               # the state-size sweep: d_k x rule, scored at N stored pairs (task=recall)
+    rank_sweep=False,             # the rank sweep: r at fixed d_k, scored on iid and values (task=recall)
     overwrites=False,             # the overwrite experiment (task=overwrites, axes update x seed)
     quick=False,                  # --overwrites for class: one seed, 60 steps, 8 episodes (about a minute)
     work=False,                   # draw the memory at work (one episode, token by token)
@@ -70,10 +77,27 @@ PRESETS = presets("ablate")                       # PRESET_TABLE: the memory's, 
 ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0, "bind_reg": 0.0,
                "dense_questions": False, "context_reg": 0.0, "shared_share": 0.0,
                "aux_share": 1.0, "max_questions": 0, "query_conv": 1,
-               "bind_rivals": "all"}
+               "bind_rivals": "all", "max_pairs": 0}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs", "seed")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
-CAPACITY = dict(key_dim=[4, 8, 16], n_pairs=[1, 2, 4, 8, 12, 16], update=["gated", "hebbian"])  # trained, recall
+# the state-size sweep: one memory per (d_k, rule), trained on recall episodes whose N is spread log-uniformly
+# over [2, max N] (train_memory --max_pairs), then scored at each N of the n_pairs list
+CAPACITY = dict(key_dim=[4, 8, 16, 32], update=["gated", "hebbian"])
+CAPACITY_N = [2, 4, 8, 16, 32]
+# the recipe that binds recall pairs by name (README "Ablations of state size and rank"): a read query that
+# sees the question's name (query_conv 8); at most 8 questions per episode and no context or general term,
+# so that 32-pair histories train in minutes; --quick: the two ends of the d_k axis, 200 steps
+SWEEP_RECIPE = dict(query_conv=8, max_questions=8, context_reg=0.0, general_reg=0.0)
+CAPACITY_DEFAULTS = {False: dict(SWEEP_RECIPE, max_iters=500, eval_episodes=24),
+                     True: dict(SWEEP_RECIPE, max_iters=200, eval_episodes=12)}
+CAPACITY_QUICK = dict(key_dim=[4, 32])
+# the rank sweep: one memory per r at fixed d_k, trained on 8 pairs, scored on iid and on `values` (value words
+# never written in training), at N = 8 and at N = 1 (one pair, nothing to confuse it with: the value path alone)
+RANK = dict(rank=[2, 4, 8, 16, 32])
+RANK_DEFAULTS = {False: dict(SWEEP_RECIPE, max_iters=600, eval_episodes=24, key_dim=16, n_pairs=8),
+                 True: dict(SWEEP_RECIPE, max_iters=300, eval_episodes=12, key_dim=16, n_pairs=8)}
+RANK_QUICK = dict(rank=[2, 32])
+RANK_SPLITS, RANK_N = ["iid", "values"], [1, 8]
 # the rules the overwrite experiment compares: the default, the paper's, no decay, no erase
 OVERWRITES = dict(update=["gated", "delta", "deltanet", "hebbian"], seed=[1337, 1, 2])
 # msqa, the main job's recipe and steps, scored on the update questions whose older values all sit in
@@ -90,7 +114,8 @@ COLUMNS = (["cell", "key_dim", "rank", "write", "heads", "sides", "update", "key
             "updated_stale", "n_updated"])
 NOT_TRAINING = {"out_dir", "device", "log_interval", "eval_interval", "val_episodes", "eval_episodes", "splits",
                 "eval_read_window", "baselines", "eval_only", "memory", "episodes", "capacity", "work", "layer", "plots", "results",
-                "state_capacity", "state_passes", "state_beta", "state_episodes", "diagnose", "overwrites", "quick"}
+                "state_capacity", "state_passes", "state_beta", "state_episodes", "diagnose", "overwrites", "quick",
+                "eval_pairs", "eval_splits", "rank_sweep"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,11 +136,20 @@ def parse_args(argv):
     cfg = parse_config(rest, DEFAULTS, PRESETS)
     if cfg["overwrites"]:                                                # the experiment's own defaults, then
         cfg = parse_config(rest, dict(DEFAULTS, **OVERWRITE_DEFAULTS[cfg["quick"]]), PRESETS)  # the flags given
+    elif cfg["capacity"]:
+        cfg = parse_config(rest, dict(DEFAULTS, **CAPACITY_DEFAULTS[cfg["quick"]]), PRESETS)
+    elif cfg["rank_sweep"]:
+        cfg = parse_config(rest, dict(DEFAULTS, **RANK_DEFAULTS[cfg["quick"]]), PRESETS)
+    if cfg["capacity"] + cfg["rank_sweep"] + cfg["overwrites"] + cfg["state_capacity"] > 1:
+        raise UserError("--capacity, --rank_sweep, --overwrites and --state_capacity are separate sweeps: give one")
     axes = {k: [str(cfg[k])] for k in AXES}
     if not cfg["work"]:                                                  # --work draws one memory
         default = (STATE_CAPACITY if cfg["state_capacity"] else CAPACITY if cfg["capacity"] else
-                   OVERWRITES if cfg["overwrites"] else GRID)
+                   RANK if cfg["rank_sweep"] else OVERWRITES if cfg["overwrites"] else GRID)
         axes.update({k: [str(v) for v in vs] for k, vs in default.items()})
+        quick = CAPACITY_QUICK if cfg["capacity"] else RANK_QUICK if cfg["rank_sweep"] else {}
+        if cfg["quick"]:
+            axes.update({k: [str(v) for v in vs] for k, vs in quick.items()})
     axes.update(given)
     for w in axes["write"]:
         if w not in WRITES:
@@ -123,8 +157,19 @@ def parse_args(argv):
     bad = [s for s in cfg["splits"].split(",") if s not in TM.EVAL_SPLITS]
     if bad:
         raise UserError(f"--splits: unknown split {bad[0]!r}; choose from {', '.join(TM.EVAL_SPLITS)}")
-    if cfg["capacity"]:
-        cfg["task"] = "recall"                                           # N is a property of recall episodes
+    if cfg["capacity"]:                                                  # N is a property of recall episodes:
+        ns = [flag_value("n_pairs", n) for n in given.get("n_pairs", CAPACITY_N)]  # scored at each N, trained
+        if min(ns) < 2:                                                  # on N spread over [2, max N]
+            raise UserError(f"--capacity scores N >= 2 stored pairs: --n_pairs={','.join(map(str, ns))}")
+        cfg.update(task="recall", max_pairs=max(ns), eval_pairs=sorted(set(ns)))
+        axes["n_pairs"] = ["0"]
+    if cfg["rank_sweep"]:                                                # trained on n_pairs, scored at N = 1 too
+        if len(axes["n_pairs"]) != 1 or len(axes["key_dim"]) != 1:
+            raise UserError("--rank_sweep trains at one --n_pairs and one --key_dim (e.g. --n_pairs=8 --key_dim=16)")
+        n = flag_value("n_pairs", axes["n_pairs"][0])
+        if n < 2:
+            raise UserError(f"--rank_sweep trains on N >= 2 stored pairs, got --n_pairs={n}")
+        cfg.update(task="recall", eval_pairs=sorted({1, n}), eval_splits=RANK_SPLITS)
     if cfg["overwrites"] and cfg["quick"] and "seed" not in given:
         axes["seed"] = axes["seed"][:1]                                  # --quick: one seed
     return cfg, axes
@@ -207,7 +252,7 @@ def append_row(path, row):
 
 
 def done_key(row):
-    return (str(row["cell"]), str(row["eval_episodes"]), str(row["splits"]))
+    return (str(row["cell"]), str(row["eval_episodes"]), str(row["splits"]), str(row["n_pairs"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,25 +296,36 @@ def eval_cell(cfg, enc, gpt, model, device):
 
 
 def sweep(cells, enc, gpt, device, csv_path):
-    """Train + score every cell not yet in csv_path; returns all rows of the CSV."""
+    """Train + score every cell not yet in csv_path; returns all rows of the CSV. A capacity cell
+    (cfg eval_pairs) trains once and is scored at each N, one row per N."""
+    points = [dict(c, n_pairs=n, max_pairs=0, splits=split) for c in cells for n in c.get("eval_pairs") or [c["n_pairs"]]
+              for split in c.get("eval_splits") or [c["splits"]]]
+    for p in points:                                                     # small N: more episodes, so that every
+        if p.get("eval_pairs") and 0 < p["n_pairs"] < 8:                 # point asks about as many questions
+            p["eval_episodes"] = p["eval_episodes"] * 8 // p["n_pairs"]
     done = {done_key(r) for r in read_rows(csv_path)}
-    todo = [c for c in cells if done_key(c) not in done]
-    print(f"{len(cells)} cells: {len(cells) - len(todo)} already in {csv_path}, {len(todo)} to run")
-    spent = []
-    for n, cfg in enumerate(todo):
+    todo = [p for p in points if done_key(p) not in done]
+    print(f"{len(points)} rows: {len(points) - len(todo)} already in {csv_path}, {len(todo)} to run")
+    spent, models = [], {}
+    for n, point in enumerate(todo):
+        cfg = next(c for c in cells if c["cell"] == point["cell"])      # the training settings (max_pairs)
         cell_dir = os.path.join(cfg["out_dir"], "cells", cfg["cell"])
         os.makedirs(cell_dir, exist_ok=True)
         t0 = time.time()
-        model = TM.train_one(TM.memory_kind(cfg), TM.condition_name(cfg), gpt, enc, dict(cfg, out_dir=cell_dir),
-                             device)
+        if cfg["cell"] not in models:                                    # trained (or reused) once per cell
+            models = {cfg["cell"]: TM.train_one(TM.memory_kind(cfg), TM.condition_name(cfg), gpt, enc,
+                                                dict(cfg, out_dir=cell_dir), device)}
+        model = models[cfg["cell"]]
         t1 = time.time()
-        scores = eval_cell(cfg, enc, gpt, model, device)
+        scores = eval_cell(point, enc, gpt, model, device)
         t2 = time.time()
-        row = dict(cfg, write=cfg["write_axis"], **scores, train_seconds=round(t1 - t0, 2),
+        row = dict(point, write=cfg["write_axis"], **scores, train_seconds=round(t1 - t0, 2),
                    eval_seconds=round(t2 - t1, 2), machine=machine())
         append_row(csv_path, row)
         spent.append(t2 - t0)
-        print(f"[cell {n + 1}/{len(todo)}] {cfg['cell']}: macro EM {scores['macro_em']:.3f} | acc "
+        at = (f" N={point['n_pairs']}" if cfg.get("eval_pairs") else "") + \
+            (f" {point['splits']}" if cfg.get("eval_splits") else "")
+        print(f"[row {n + 1}/{len(todo)}] {cfg['cell']}{at}: macro EM {scores['macro_em']:.3f} | acc "
               f"{scores['acc']:.3f} | train {fmt_time(t1 - t0)}, eval {fmt_time(t2 - t1)} | "
               f"ETA {fmt_time(np.mean(spent) * (len(todo) - n - 1))}", flush=True)
     return read_rows(csv_path)
@@ -330,9 +386,10 @@ def plot_heatmap(rows, path, metric="macro_em"):
     _save(fig, path)
 
 
-def knee(ns, accs, frac=0.5):
-    """The capacity knee: the largest N whose accuracy is still >= frac x the best (None if all zero)."""
-    best = max(accs) if len(accs) else 0
+def knee(ns, accs, frac=0.5, ref=None):
+    """The capacity knee: the largest N whose accuracy is still >= frac x ref (default: the best), before
+    the first fall below it (None if ref is zero). The capacity sweep passes ref = the smallest N's."""
+    best = (max(accs) if len(accs) else 0) if ref is None else ref
     if best <= 0:
         return None
     last = None
@@ -344,7 +401,92 @@ def knee(ns, accs, frac=0.5):
     return last
 
 
-def plot_capacity(rows, path, metric="em_recall"):
+def capacity_knee(ns, accs):
+    """The sweep's knee: the largest N at >= half the EM at the smallest N; None when that EM is not above
+    1/N (a stored value at random): a memory that does not bind even there has no capacity to measure."""
+    ns, accs = zip(*sorted(zip(ns, accs)))
+    return knee(ns, accs, ref=accs[0]) if accs[0] > 1 / ns[0] else None
+
+
+def capacity_summary(rows, path, metric="em_recall"):
+    """capacity.json from the capacity sweep's rows: {update: {d_k: {N: em}}} (em: the recall family's EM,
+    keys as strings), plus "knee": {update: {d_k: N or null}} (capacity_knee)."""
+    out = {}
+    for r in _rows(rows):
+        if str(r.get("n_pairs", "0")) in ("0", "") or r.get(metric, "") == "":
+            continue
+        out.setdefault(r["update"], {}).setdefault(str(int(r["key_dim"])), {})[str(int(r["n_pairs"]))] = \
+            round(float(r[metric]), 4)
+    if not out:
+        raise UserError("no capacity rows (n_pairs > 0): run python dev/ablate.py --capacity first")
+    knees = {}
+    for update, lines in out.items():
+        for dk, pts in lines.items():
+            ns = sorted(int(n) for n in pts)
+            pts = dict(sorted(pts.items(), key=lambda kv: int(kv[0])))
+            lines[dk] = pts
+            knees.setdefault(update, {})[dk] = capacity_knee(ns, [pts[str(n)] for n in ns])
+    out["knee"] = knees
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def rank_summary(rows, path, metric="fact_em"):
+    """rank.json from the rank sweep's rows: {r: {"iid": em, "values": em}} at the trained N, plus
+    "iid_n1", "values_n1" at N = 1 (one pair: the value path alone). em: fact EM, keys as strings."""
+    out = {}
+    for r in _rows(rows):
+        if r.get(metric, "") == "" or r["splits"] not in RANK_SPLITS:
+            continue
+        key = r["splits"] + ("_n1" if int(r["n_pairs"]) == 1 else "")
+        out.setdefault(str(int(r["rank"])), {})[key] = round(float(r[metric]), 4)
+    if not out:
+        raise UserError("no rank rows: run python dev/ablate.py --rank_sweep first")
+    out = dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def plot_rank(summary, path):
+    """Fact EM against the rank r: iid and values (words never written in training), at the trained N
+    (solid) and at N = 1 (dashed: one pair, only the value path can fail). Returns the curves' labels."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    rs = [int(r) for r in summary]
+    for key, style, color, label in (("iid", "-", "C0", "iid"), ("values", "-", "C3", "values (unseen words)"),
+                                     ("iid_n1", "--", "C0", "iid, N = 1"), ("values_n1", "--", "C3", "values, N = 1")):
+        pts = [(r, summary[str(r)][key]) for r in rs if key in summary[str(r)]]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(rs, [str(r) for r in rs])
+    ax.set_xlabel("rank r (the value's width)")
+    ax.set_ylabel("fact exact match")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("rank: held-out recall, 0 history tokens in context", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return [line.get_label() for line in ax.get_lines()]
+
+
+def keys_given(dks, ns, updates, rank, passes, beta, episodes=500, seed=0):
+    """{update: {d_k: {N: clean}}}: the state alone with random unit keys given (state_recall), the
+    reference curve drawn beside a trained sweep."""
+    g, out = torch.Generator().manual_seed(seed), {}
+    for update, dk, n in itertools.product(updates, dks, ns):
+        k = torch.nn.functional.normalize(torch.randn(episodes, n, dk, generator=g), dim=-1)  # (E, N, d_k)
+        v = torch.nn.functional.normalize(torch.randn(episodes, n, rank, generator=g), dim=-1)  # (E, N, r)
+        with torch.no_grad():
+            out.setdefault(update, {}).setdefault(dk, {})[n] = state_recall(k, v, update, passes, beta)[0]
+    return out
+
+
+def plot_capacity(rows, path, metric="em_recall", given=None):
     """Recall accuracy against stored pairs N: one colour per d_k (and write mode, key_conv, when several
     were swept), solid gated, dash-dot-dotted delta, dash-dotted deltanet, dashed hebbian; o = knee. Dotted: 1/N, what a memory
     that returns *a* stored value, not the asked one's, scores. Returns the curves' labels."""
@@ -353,7 +495,8 @@ def plot_capacity(rows, path, metric="em_recall"):
     if not rows:
         raise UserError("no capacity rows (n_pairs > 0): run python dev/ablate.py --capacity first")
     rows = [dict(r, write=r.get("write") or "token") for r in rows]     # rows written before the write axis
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, axes = plt.subplots(1, 2 if given else 1, figsize=(11.5 if given else 6.5, 4.2), squeeze=False)
+    ax = axes[0][0]
     writes = sorted({r["write"] for r in rows})
     kc = lambda r: int(r.get("key_conv") or 1)                         # rows written before the key_conv axis
     groups = sorted({(int(r["key_dim"]), r["write"], kc(r)) for r in rows})
@@ -366,21 +509,34 @@ def plot_capacity(rows, path, metric="em_recall"):
                 continue
             ns = sorted(pts)
             label = (f"d_k={dk} {write + ' ' if len(writes) > 1 else ''}{update}"
-                     f"{f' key_conv={conv}' if conv > 1 else ''}")
+                     f"{f' key_conv={conv}' if len({g[2] for g in groups}) > 1 else ''}")
             ax.plot(ns, [pts[n] for n in ns], linestyle=style, marker=".", color=color, label=label)
-            k = knee(ns, [pts[n] for n in ns])
+            k = capacity_knee(ns, [pts[n] for n in ns])
             if k is not None:
                 ax.plot([k], [pts[k]], "o", ms=11, mfc="none", mec=color, mew=1.5)
     allN = sorted({int(r["n_pairs"]) for r in rows})
     ax.plot(allN, [1 / n for n in allN], ":", color="gray", label="1/N (a stored value at random)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(allN, [str(n) for n in allN])                          # plain N, not 2^k
-    ax.set_xlabel("stored pairs N")
     ax.set_ylabel("recall exact match")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("capacity: recall vs N (o = knee: last N at >= half the best)", fontsize=9)
-    ax.grid(alpha=0.3)
+    ax.set_title("trained memories, 0 history tokens in context (o = knee: last N at >= half the first N's EM)",
+                 fontsize=8)
     labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    if given:                                                            # the same d_k, keys given
+        right = axes[0][1]
+        dks = sorted({dk for lines in given.values() for dk in lines})
+        shade = dict(zip(dks, plt.cm.viridis(np.linspace(0, 0.9, len(dks)))))
+        for update, lines in given.items():
+            for dk, pts in sorted(lines.items()):
+                ns = sorted(pts)
+                right.plot(ns, [pts[n] for n in ns], "--" if update == "hebbian" else "-.", marker=".",
+                           color=shade[dk], label=f"d_k={dk} {update}")
+        right.set_title("the state alone, random unit keys given (clean recall)", fontsize=8)
+        right.legend(fontsize=7, ncol=2)
+    for a in axes[0]:
+        a.set_xscale("log", base=2)
+        a.set_xticks(allN, [str(n) for n in allN])                       # plain N, not 2^k
+        a.set_xlabel("stored pairs N")
+        a.set_ylim(-0.02, 1.02)
+        a.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
     return labels                                                        # the curves drawn, for tests
@@ -659,7 +815,21 @@ def draw_all(cfg, csv_path):
     out = os.path.dirname(csv_path) or "."
     rows = read_rows(csv_path)
     if cfg["capacity"]:
-        plot_capacity(rows, os.path.join(out, "capacity.png"))
+        summary = capacity_summary(rows, os.path.join(out, "capacity.json"))
+        lines = {u: v for u, v in summary.items() if u != "knee"}
+        dks = sorted({int(dk) for v in lines.values() for dk in v})
+        ns = sorted({int(n) for v in lines.values() for pts in v.values() for n in pts})
+        rules = ["hebbian" if u == "hebbian" else "deltanet" for u in lines]   # keys given: no decay (λ = 1)
+        given = keys_given(dks, ns, list(dict.fromkeys(rules)), cfg["rank"], cfg["state_passes"], cfg["state_beta"])
+        plot_capacity(rows, os.path.join(out, "capacity.png"), given=given)
+        for update, knees in summary["knee"].items():
+            print(f"  {update:9s} knee (largest N at >= half the EM at N = {ns[0]}; none: not above 1/N there): "
+                  + ", ".join(f"d_k={dk}: {k}" for dk, k in knees.items()))
+    elif cfg["rank_sweep"]:
+        summary = rank_summary(rows, os.path.join(out, "rank.json"))
+        plot_rank(summary, os.path.join(out, "rank.png"))
+        for r, em in summary.items():
+            print(f"  r={r:>3s} " + " | ".join(f"{k} {v:.3f}" for k, v in em.items()))
     elif cfg["overwrites"]:
         summary = overwrite_summary(rows, os.path.join(out, "overwrites.json"))
         plot_overwrites(summary, os.path.join(out, "overwrites.png"))
@@ -676,7 +846,8 @@ def draw_all(cfg, csv_path):
                             if f.startswith("memory_") and f.endswith(".pt"))
     ckpts = list(dict.fromkeys(ckpts))                                   # a cell scored twice: one curve
     if ckpts:
-        name = "capacity" if cfg["capacity"] else "overwrites" if cfg["overwrites"] else "ablate"
+        name = ("capacity" if cfg["capacity"] else "rank" if cfg["rank_sweep"] else
+                "overwrites" if cfg["overwrites"] else "ablate")
         plot_training(ckpts, os.path.join(out, name + "_training.png"))
 
 
@@ -731,7 +902,7 @@ def main(argv=None):
         if not cfg["plots"]:
             state_capacity(cfg, axes, csv_path)
         return plot_state_capacity(csv_path, os.path.join(cfg["out_dir"], "state_capacity.png"))
-    csv_path = os.path.join(cfg["out_dir"], "capacity.csv" if cfg["capacity"] else
+    csv_path = os.path.join(cfg["out_dir"], "capacity.csv" if cfg["capacity"] else "rank.csv" if cfg["rank_sweep"] else
                             "overwrites.csv" if cfg["overwrites"] else "ablate.csv")
     if cfg["plots"]:
         if not read_rows(csv_path):

@@ -41,9 +41,10 @@ def test_cells_are_the_cartesian_product_of_the_comma_lists():
     grid = AB.make_cells(*AB.parse_args([]))                             # default: the d_k x r grid
     assert sorted((c["key_dim"], c["rank"]) for c in grid) == sorted(
         (d, r) for d in (2, 4, 8, 16, 32) for r in (1, 2, 4, 8, 16))
-    cap = AB.make_cells(*AB.parse_args(["--capacity"]))
-    assert len(cap) == 3 * 6 * 2 and {c["task"] for c in cap} == {"recall"}
-    assert {c["n_pairs"] for c in cap} == {1, 2, 4, 8, 12, 16} and {c["update"] for c in cap} == {"gated", "hebbian"}
+    cap = AB.make_cells(*AB.parse_args(["--capacity"]))                 # one memory per (d_k, rule), trained
+    assert len(cap) == 4 * 2 and {c["task"] for c in cap} == {"recall"}  # on N in [2, 32], scored at each N
+    assert {c["key_dim"] for c in cap} == {4, 8, 16, 32} and {c["update"] for c in cap} == {"gated", "hebbian"}
+    assert {(c["n_pairs"], c["max_pairs"], tuple(c["eval_pairs"])) for c in cap} == {(0, 32, (2, 4, 8, 16, 32))}
     # another training setting is another cell; an evaluation setting is not
     a = AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8"]))[0]["cell"]
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--learning_rate=0.5"]))[0]["cell"] != a
@@ -85,6 +86,78 @@ def test_n_pairs_fixes_the_number_of_stored_pairs():
     assert all(len({f[1] for f in tasks.parse_facts(ep)}) == 5 for ep in eps)
     eps = TM.sample_episodes(np.random.default_rng(0), cfg, 4)            # no n_pairs: the preset's 8
     assert all(len({f[1] for f in tasks.parse_facts(ep)}) == 8 for ep in eps)
+
+
+def test_max_pairs_spreads_n_log_uniformly_over_its_range():
+    cfg = dict(TM.DEFAULTS, task="recall", episode_preset="small", max_pairs=32)
+    ns = [len({f[1] for f in tasks.parse_facts(ep)}) for ep in TM.sample_episodes(np.random.default_rng(0), cfg, 300)]
+    assert min(ns) == 2 and max(ns) == 32                                # both ends of [2, 32] are drawn
+    # log-uniform: each octave [2,4), [4,8), [8,16), [16,32] gets about a quarter (uniform would give 2/30 to
+    # the first and 16/30 to the last)
+    share = [np.mean([lo <= n < hi for n in ns]) for lo, hi in ((2, 4), (4, 8), (8, 16), (16, 33))]
+    assert all(0.15 < x < 0.35 for x in share), share
+
+
+@pytest.mark.parametrize("args,cells,names,rows,iters", [
+    (["--capacity", "--quick"], 4, {"dk4_", "dk32_"}, 4 * 5, 200),      # 2 d_k x 2 rules, 5 N each
+    (["--capacity"], 8, {"dk4_", "dk8_", "dk16_", "dk32_"}, 8 * 5, 500),
+    (["--rank_sweep", "--quick"], 2, {"_r2_", "_r32_"}, 2 * 2 * 2, 300),  # 2 r, N = 1 and 8, iid and values
+    (["--rank_sweep"], 5, {"_r2_", "_r4_", "_r8_", "_r16_", "_r32_"}, 5 * 2 * 2, 600)])
+def test_each_sweeps_arguments_parse_and_name_their_cells(args, cells, names, rows, iters):
+    cfg, axes = AB.parse_args(args)
+    got = AB.make_cells(cfg, axes)
+    assert len(got) == cells and len({c["cell"] for c in got}) == cells
+    assert all(any(n in c["cell"] for c in got) for n in names)          # each value of the swept axis named
+    assert {c["max_iters"] for c in got} == {iters} and {c["query_conv"] for c in got} == {8}
+    points = [(n, s) for c in got for n in c["eval_pairs"] for s in c.get("eval_splits") or [c["splits"]]]
+    assert len(points) == rows
+    assert AB.make_cells(*AB.parse_args(args))[0]["cell"] == got[0]["cell"]  # the same name every time
+
+
+@pytest.mark.parametrize("args,msg", [(["--capacity", "--n_pairs=1,4"], "N >= 2"),
+                                      (["--rank_sweep", "--key_dim=8,16"], "one --key_dim"),
+                                      (["--rank_sweep", "--n_pairs=1"], "N >= 2"),
+                                      (["--capacity", "--rank_sweep"], "give one")])
+def test_sweeps_refuse_bad_axes(args, msg):
+    with pytest.raises(AB.UserError, match=msg):
+        AB.make_cells(*AB.parse_args(args))
+
+
+@pytest.mark.slow
+def test_capacity_sweep_trains_each_cell_once_and_scores_it_at_each_n(enc, gpt, tmp_path, monkeypatch):
+    csv_path = str(tmp_path / "capacity.csv")
+    cells = AB.make_cells(*AB.parse_args(tiny_args(tmp_path, "--capacity", "--key_dim=2,4", "--update=gated", "--n_pairs=2,3",
+                                                   "--max_iters=2", "--eval_episodes=2")))
+    real, calls = TM.train_one, []
+    monkeypatch.setattr(TM, "train_one", lambda *a, **k: calls.append(a[4]["max_pairs"]) or real(*a, **k))
+    rows = AB.sweep(cells, enc, gpt, "cpu", csv_path)
+    assert calls == [3, 3]                                               # once per d_k, on N in [2, 3]
+    assert sorted((r["key_dim"], r["n_pairs"]) for r in rows) == [("2", "2"), ("2", "3"), ("4", "2"), ("4", "3")]
+    # N < 8 gets 8 / N times the episodes (2 x 8 // 3 = 5 episodes x 3 pairs), so each N asks about as much
+    assert {int(r["n_questions"]) for r in rows if r["n_pairs"] == "3"} == {5 * 3}
+    assert {int(r["n_questions"]) for r in rows if r["n_pairs"] == "2"} == {8 * 2}
+    assert len(AB.sweep(cells, enc, gpt, "cpu", csv_path)) == 4 and len(calls) == 2  # resumes: nothing retrained
+
+
+def test_capacity_and_rank_json_schemas_from_fixed_rows(tmp_path):
+    rows = [dict(key_dim=dk, update=u, n_pairs=n, em_recall=min(1.0, dk / n) * (1 if u == "gated" else 0.4))
+            for dk in (4, 32) for u in ("gated", "hebbian") for n in (2, 4, 8, 16, 32)]
+    got = AB.capacity_summary(rows, str(tmp_path / "capacity.json"))
+    assert json.load(open(tmp_path / "capacity.json")) == got
+    assert set(got) == {"gated", "hebbian", "knee"}
+    assert got["gated"]["4"] == {"2": 1.0, "4": 1.0, "8": 0.5, "16": 0.25, "32": 0.125}
+    # knee: the largest N at >= half the N = 2 value: 8 for d_k = 4 (0.5 of 1.0), 32 for d_k = 32; hebbian
+    # here starts at 0.4 <= 1/2 at N = 2: no knee
+    assert got["knee"] == {"gated": {"4": 8, "32": 32}, "hebbian": {"4": None, "32": None}}
+    rows = [dict(rank=r, n_pairs=n, splits=s, fact_em=r / 64 + (0.5 if n == 1 else 0) - (0.1 if s == "values" else 0))
+            for r in (2, 32) for n in (1, 8) for s in ("iid", "values")]
+    got = AB.rank_summary(rows, str(tmp_path / "rank.json"))
+    assert json.load(open(tmp_path / "rank.json")) == got and list(got) == ["2", "32"]
+    assert got["32"] == {"iid": 0.5, "values": 0.4, "iid_n1": 1.0, "values_n1": 0.9}
+    labels = AB.plot_rank(got, str(tmp_path / "rank.png"))
+    assert_png(tmp_path / "rank.png") and labels == ["iid", "values (unseen words)", "iid, N = 1", "values, N = 1"]
+    with pytest.raises(AB.UserError, match="--rank_sweep"):
+        AB.rank_summary([], str(tmp_path / "none.json"))
 
 
 @pytest.mark.slow
@@ -136,6 +209,16 @@ def test_csv_ignores_a_cut_row_and_refuses_foreign_columns(tmp_path):
                                           ([2, 4], [0.0, 0.0], None)])
 def test_knee_is_the_last_n_at_half_the_best(ns, accs, want):
     assert AB.knee(ns, accs) == want
+
+
+def test_knee_against_the_first_n():
+    ns, accs = [2, 4, 8, 16, 32], [0.6, 0.9, 0.35, 0.31, 0.1]
+    assert AB.knee(ns, accs) == 4                                        # half the best (0.45): 8 falls below
+    assert AB.knee(ns, accs, ref=accs[0]) == 16                          # half the N = 2 value (0.3)
+    assert AB.capacity_knee(ns[::-1], accs[::-1]) == 16                  # the sweep's knee, any order
+    # a memory at or below 1/N at N = 2 does not bind: a flat 0.09 curve has no knee (not N = 32)
+    assert AB.capacity_knee(ns, [0.09, 0.06, 0.06, 0.07, 0.07]) is None
+    assert AB.capacity_knee(ns, [0.5, 0.4, 0.3, 0.2, 0.1]) is None and AB.capacity_knee(ns, [0.51, 0.3, 0.2, 0.1, 0]) == 4
 
 
 def fixed_rows():
