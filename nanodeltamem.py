@@ -220,8 +220,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, mems=None, cache=None, logits=True):
         """idx (B, T) token ids -> logits (B, T, V); loss if targets (B, T) are given.
 
-        logits=False: return (None, loss), with the vocabulary head run only at the positions that have
-        a target; the same loss for less work where most positions have none (answers).
+        logits=False (with targets): return (None, loss), with the vocabulary head run only at the
+        positions that have a target; the same loss for less work where most positions have none (answers).
 
         mems: None, or one callable per layer (or None for a layer without memory), see Block.
         cache: None, or a dict (start with {}) that keeps every layer's keys and values: idx is then

@@ -191,8 +191,8 @@ def sample_episodes(rng, cfg, n, split="train"):
     for _ in range(n):
         task = cfg["task"] if cfg["task"] != "mix" else ("msqa" if rng.random() < 0.5 else "recall")
         if task == "recall" and cfg.get("max_pairs"):                    # N spread over a range (sweeps)
-            n = int(round(2 ** rng.uniform(1, np.log2(cfg["max_pairs"]))))
-            out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=n))
+            pairs = int(round(2 ** rng.uniform(1, np.log2(cfg["max_pairs"]))))
+            out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=pairs))
             continue
         if task == "recall" and cfg["n_pairs"]:                          # a fixed number of pairs
             out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))

@@ -97,7 +97,7 @@ RANK = dict(rank=[2, 4, 8, 16, 32])
 RANK_DEFAULTS = {False: dict(SWEEP_RECIPE, max_iters=600, eval_episodes=24, key_dim=16, n_pairs=8),
                  True: dict(SWEEP_RECIPE, max_iters=300, eval_episodes=12, key_dim=16, n_pairs=8)}
 RANK_QUICK = dict(rank=[2, 32])
-RANK_SPLITS, RANK_N = ["iid", "values"], [1, 8]
+RANK_SPLITS = ["iid", "values"]
 # the rules the overwrite experiment compares: the default, the paper's, no decay, no erase
 OVERWRITES = dict(update=["gated", "delta", "deltanet", "hebbian"], seed=[1337, 1, 2])
 # msqa, the main job's recipe and steps, scored on the update questions whose older values all sit in
@@ -475,14 +475,12 @@ def plot_rank(summary, path):
 
 
 def keys_given(dks, ns, updates, rank, passes, beta, episodes=500, seed=0):
-    """{update: {d_k: {N: clean}}}: the state alone with random unit keys given (state_recall), the
+    """{update: {d_k: {N: clean}}}: the state alone with random unit keys given (random_recall), the
     reference curve drawn beside a trained sweep."""
     g, out = torch.Generator().manual_seed(seed), {}
     for update, dk, n in itertools.product(updates, dks, ns):
-        k = torch.nn.functional.normalize(torch.randn(episodes, n, dk, generator=g), dim=-1)  # (E, N, d_k)
-        v = torch.nn.functional.normalize(torch.randn(episodes, n, rank, generator=g), dim=-1)  # (E, N, r)
-        with torch.no_grad():
-            out.setdefault(update, {}).setdefault(dk, {})[n] = state_recall(k, v, update, passes, beta)[0]
+        out.setdefault(update, {}).setdefault(dk, {})[n] = random_recall(g, episodes, n, dk, rank, update,
+                                                                         passes, beta)[0]
     return out
 
 
@@ -574,6 +572,14 @@ def state_recall(k, v, update, passes=1, beta=1.0):
     return clean, nearest
 
 
+@torch.no_grad()
+def random_recall(g, episodes, n, dk, r, update, passes, beta):
+    """state_recall on `episodes` draws of N random unit keys (d_k) and values (r) from generator g."""
+    k = torch.nn.functional.normalize(torch.randn(episodes, n, dk, generator=g), dim=-1)  # (E, N, d_k)
+    v = torch.nn.functional.normalize(torch.randn(episodes, n, r, generator=g), dim=-1)   # (E, N, r)
+    return state_recall(k, v, update, passes, beta)
+
+
 def state_capacity(cfg, axes, csv_path):
     """Every (d_k, N, update) point of the state-capacity curve -> csv_path (rewritten: it takes seconds)."""
     E, P, beta = cfg["state_episodes"], cfg["state_passes"], cfg["state_beta"]
@@ -596,10 +602,7 @@ def state_capacity(cfg, axes, csv_path):
     rows, g = [], torch.Generator().manual_seed(cfg["seed"])
     for dk, n, update in points:
         t0 = time.time()
-        k = torch.nn.functional.normalize(torch.randn(E, n, dk, generator=g), dim=-1)  # (E, N, d_k)
-        v = torch.nn.functional.normalize(torch.randn(E, n, r, generator=g), dim=-1)   # (E, N, r)
-        with torch.no_grad():
-            clean, nearest = state_recall(k, v, update, P, beta)
+        clean, nearest = random_recall(g, E, n, dk, r, update, P, beta)
         rows.append(dict(key_dim=dk, rank=r, n_pairs=n, update=update, passes=P, beta=beta, episodes=E,
                          clean=f"{clean:.4f}", nearest=f"{nearest:.4f}", seconds=f"{time.time() - t0:.2f}",
                          machine=machine()))
