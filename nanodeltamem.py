@@ -339,7 +339,8 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
         D[t, i] = exp(G_{t-1} - G_i). So u = u0 - W s_0 with u0 = (I+A)⁻¹ β v and
         W = (I+A)⁻¹ diag(β γ_{t-1}) K, both independent of s_0: computed for all chunks at once.
       * Carry:  s_C = γ_C s_0 + Σ_i (γ_C/γ_i) u_i k_i = M s_0 + Bc,
-        M = γ_C I - Kᵀ diag(γ_C/γ) W,  Bc = Kᵀ (γ_C/γ ∘ u0).   (in code S holds rows: S Mᵀ + Bc)
+        M = γ_C I - Kᵀ diag(γ_C/γ) W,  Bc = Kᵀ (γ_C/γ ∘ u0).   (in code S holds rows: S Mᵀ + Bc, and
+        S Mᵀ = γ_C S - ((S Wᵀ) diag(γ_C/γ)) K in two thin matmuls)
       * Reads, once the carry has given every chunk its s_0 and so its writes u = u0 - W s_0:
         o_t = γ_{t-1} q_t·s_0 + Σ_{i<t} D[t, i] (q_t·k_i) u_i = P u + diag(γ_{t-1}) Q s_0,
         P = D ∘ Q Kᵀ strictly lower.
@@ -384,16 +385,16 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
     to_end = (G[..., -1:, :] - G).exp()                                  # (B, H, n, R, C, 1) γ_C/γ_t
     gamma_C = G[..., -1:, :].exp()                                       # (B, H, n, R, 1, 1)
     Bc = (to_end * u0).transpose(-1, -2) @ k                             # (B, H, n, R, m, d_k)
-    Mt = gamma_C * torch.eye(dk, device=q.device, dtype=q.dtype)         # (B, H, n, R, d_k, d_k) Mᵀ
-    if W is not None:
-        Mt = Mt - (to_end * W).transpose(-1, -2) @ k
+    # the carry S Mᵀ = γ_C S - (S Wᵀ diag(γ_C/γ)) K, never forming Mᵀ (d_k x d_k per row group): C < d_k
+    Wt = (to_end * W).transpose(-1, -2) if W is not None else None       # (B, H, n, R, d_k, C)
 
     S = state.reshape(B, H, R, m, dk)                                    # rows grouped by gate
-    by_chunk = lambda x: x.movedim(2, 0).contiguous().unbind(0)          # n contiguous (B, H, R, ·, d_k)
+    by_chunk = lambda x: x.movedim(2, 0).contiguous().unbind(0)          # n contiguous chunks
     starts = []
-    for Mt_c, B_c in zip(by_chunk(Mt), by_chunk(Bc)):                    # the only sequential part
+    chunks = zip(by_chunk(gamma_C), by_chunk(Bc), by_chunk(k), by_chunk(Wt) if Wt is not None else [None] * n)
+    for g_c, B_c, k_c, Wt_c in chunks:                                   # the only sequential part
         starts.append(S)
-        S = S @ Mt_c + B_c                                               # (B, H, R, m, d_k)
+        S = g_c * S + B_c if Wt_c is None else g_c * S - (S @ Wt_c) @ k_c + B_c  # (B, H, R, m, d_k)
     S0 = torch.stack(starts, dim=2)                                      # (B, H, n, R, m, d_k)
     u = u0 if W is None else u0 - W @ S0.transpose(-1, -2)               # (B, H, n, R, C, m) the writes
     o = P @ u + G_prev.exp() * (q @ S0.transpose(-1, -2))                # (B, H, n, R, C, m)
