@@ -73,7 +73,23 @@ def causal_conv(a, w, n_windows=1, past=None):
         past = a.new_zeros(B * n_windows, K - 1, E)
     full = torch.cat([past, a], 1)                                       # (B·W, K-1+L, E)
     out = sum(wj * full[:, K - 1 - j:K - 1 - j + L] for j, wj in enumerate(w))  # (B·W, L, E)
-    return out.reshape(B, T, E), full[:, -(K - 1):]
+    return out.reshape(B, T, E), full[:, full.size(1) - (K - 1):]
+
+
+# a content-weighted mean of the last P tokens: the whom part of the memory's keys and queries (name_dim)
+def causal_pool(a, score, P, n_windows=1, past=None):
+    """p_t = Σ_{j<P} e^{score_{t-j}} ∘ a_{t-j} / Σ_{j<P} e^{score_{t-j}} over a (B, T, E), with one score per
+    group of E / G channels, score (B, T, G): a causal attention with a fixed query per group, inside each
+    of n_windows windows (or continuing from `past`, as causal_conv). Why: the token that matters (a name)
+    may sit at any offset, and a score of its own content finds it wherever it sits. Returns p (B, T, E)
+    and the last P-1 inputs (B, P-1, E + G), the next call's past."""
+    G, E = score.size(-1), a.size(-1)
+    w = torch.exp(score)                                                 # (B, T, G) > 0
+    both = torch.cat([w.repeat_interleave(E // G, -1) * a, w], -1)       # (B, T, E + G) numerator, weight
+    ones = torch.ones(P, E + G, dtype=a.dtype, device=a.device)
+    sums, tail = causal_conv(both, ones, n_windows, past)                # (B, T, E + G) window sums
+    den = sums[..., E:].repeat_interleave(E // G, -1)                    # (B, T, E)
+    return sums[..., :E] / den.clamp_min(1e-6), tail
 
 
 class CausalSelfAttention(nn.Module):
@@ -448,6 +464,8 @@ class MemoryConfig:
     chunk_size: int = 8        # chunkwise scan's chunk (None: token loop, for reference)
     key_conv: int = 1          # a write key sees its last key_conv tokens (1: only its own, as in the paper)
     query_conv: int = 1        # a read query sees its last query_conv tokens (1: only its own, as in the paper)
+    name_dim: int = 0          # > 0: keys and queries are (what, d_k / name_dim) ⊗ (whom, name_dim): whose fact it is
+    name_pool: int = 16        # ... taken from a content-weighted mean of the last name_pool tokens
     decay_bias: float = 6.0    # update=gated: b_λ at init, λ = sigmoid(6) ≈ 0.9975 kept per token
 
     def __post_init__(self):
@@ -459,6 +477,11 @@ class MemoryConfig:
         for name in ("key_dim", "rank", "heads", "key_conv", "query_conv"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range: use a whole number >= 1")
+        n = self.name_dim
+        if not isinstance(n, int) or n < 0 or (n and self.key_dim % n):
+            raise ValueError(f"name_dim={n!r} is out of range: use 0 (off) or a divisor of key_dim={self.key_dim}")
+        if not isinstance(self.name_pool, int) or self.name_pool < 1:
+            raise ValueError(f"name_pool={self.name_pool!r} is out of range: use a whole number >= 1")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"chunk_size={self.chunk_size!r} is out of range: use a whole number >= 1 (or None)")
         if self.layers is not None:
@@ -484,6 +507,9 @@ class DeltaMemory(nn.Module):
                                        (a_t = 1-β_t for delta, λ_t for gated, 1 for deltanet)
         dq_t = s B_q read_t,  do_t = s B_o read_t      (s = alpha / r; reads of all heads concatenated)
 
+    name_dim = n > 0: q̃_t and k̃_t are L2norm(tanh(what) ⊗ tanh(whom)), what = the A_q / A_k part above
+    (d_k / n) and whom (n) a score-weighted mean of the last name_pool tokens (`whom`, `unit`).
+
     The state S (B, H, r, d_k) lives in `self.state` and is carried across forward calls, so a
     history can be written window by window and queried later with writes off.
     """
@@ -492,22 +518,37 @@ class DeltaMemory(nn.Module):
         super().__init__()
         H, dk, r = cfg.heads, cfg.key_dim, cfg.rank
         self.cfg = cfg
-        self.A_q = nn.Linear(d, H * dk, bias=False)
-        self.A_k = nn.Linear(d, H * dk, bias=False)
+        self.what_dim = dk // cfg.name_dim if cfg.name_dim else dk       # a key's what part (all of it: no whom)
+        self.A_q = nn.Linear(d, H * self.what_dim, bias=False)
+        self.A_k = nn.Linear(d, H * self.what_dim, bias=False)
         self.A_v = nn.Linear(d, H * r, bias=False)
         # key_conv = K > 1: k̃_t = L2norm(tanh(Σ_{j<K} w_j ∘ A_k h_{t-j})), a causal depthwise convolution
         # inside each window (the short convolution of DeltaNet / Mamba), w_j = 1/K at init. Why: at a
         # value token h_t may not say whose value it is; the name sits a few tokens back, and a key that
         # mixes it in from step 0 gives the gradient something to find.
-        self.key_conv = None                                             # (K, H·d_k) weights w_j
+        self.key_conv = None                                             # (K, H·what_dim) weights w_j
         if cfg.key_conv > 1:
-            self.key_conv = nn.Parameter(torch.full((cfg.key_conv, H * dk), 1.0 / cfg.key_conv))
+            self.key_conv = nn.Parameter(torch.full((cfg.key_conv, H * self.what_dim), 1.0 / cfg.key_conv))
         # query_conv = K > 1: the same on the read side, q̃_t = L2norm(tanh(Σ_{j<K} u_j ∘ A_q h_{t-j})). Why: at
         # the answer slot ("Where does Alice live?\nA:") h_t may say what is asked but not about whom; the
         # name sits 4-8 tokens back, and a read that cannot see it can only find facts by their attribute.
-        self.query_conv = None                                           # (K, H·d_k) weights u_j
+        self.query_conv = None                                           # (K, H·what_dim) weights u_j
         if cfg.query_conv > 1:
-            self.query_conv = nn.Parameter(torch.full((cfg.query_conv, H * dk), 1.0 / cfg.query_conv))
+            self.query_conv = nn.Parameter(torch.full((cfg.query_conv, H * self.what_dim), 1.0 / cfg.query_conv))
+        # name_dim = n > 0: a key is a product of two parts, k̃_t = L2norm(tanh(A_k h_t) ⊗ tanh(c_t)) with
+        # d_k = d_k/n x n: what (A_k, with its conv) and whom: c_t = Σ_{j<P} e^{s_{t-j}} ∘ W_c h_{t-j} / Σ_{j<P} e^{s_{t-j}},
+        # s_t = 4 tanh(W_s h_t), per channel a mean of the last P tokens weighted by a score of each token's
+        # content (causal_pool); a query's whom part is the same map of its own last P tokens. Then
+        # q̃·k̃ = (what·what')(whom·whom'): facts of one attribute and two people get orthogonal keys when their
+        # whom parts are. Why the pool: in "Tara: Did you hear? Uma got a job as a locksmith." the name sits
+        # 3-12 tokens before the value, at no offset a convolution could learn. Why apart: the answer loss
+        # pulls every key to the attribute, so the whom part is trained only to tell people apart
+        # (train_memory.binding_loss), and the answer loss never moves it.
+        self.W_c = self.W_s = None
+        if cfg.name_dim:
+            self.W_c = nn.Linear(d, H * cfg.name_dim, bias=False)        # what a token says about whom
+            self.W_s = nn.Linear(d, H * cfg.name_dim, bias=False)        # how much a token counts, per channel
+            nn.init.zeros_(self.W_s.weight)                              # a plain mean at init
         gate = H * (r if cfg.gates == "rowwise" else 1)
         self.W_beta = nn.Linear(d, gate, bias=True)
         nn.init.zeros_(self.W_beta.weight)                               # β starts the same everywhere
@@ -538,17 +579,37 @@ class DeltaMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
 
+    def whom(self, x, n_windows=1, past=None):
+        """The whom part c (B, T, H·n) of x (B, T, d) before tanh, and causal_pool's tail (decoding)."""
+        return causal_pool(self.W_c(x), 4 * torch.tanh(self.W_s(x)), self.cfg.name_pool, n_windows, past)
+
+    def unit(self, a, c=None):
+        """Unit keys or queries (B, H, T, d_k) from the what part a (B, T, H·what_dim) and the whom part c
+        (B, T, H·n) before tanh: L2norm(tanh(a) ⊗ tanh(c)) per head, or L2norm(tanh(a)) without c."""
+        what = torch.tanh(self._heads(a, self.what_dim))                 # (B, H, T, what_dim)
+        if c is None:
+            return F.normalize(what, dim=-1)
+        whom = torch.tanh(self._heads(c, self.cfg.name_dim))             # (B, H, T, n)
+        return F.normalize((what[..., :, None] * whom[..., None, :]).flatten(-2), dim=-1)  # (B, H, T, d_k)
+
     def read_query(self, x, n_windows=1, cache=None):
         """Unit read queries q̃ (B, H, T, d_k) of x (B, T, d), T = n_windows windows of equal length (the
         query convolution restarts in each). cache (decoding, one window): keeps the last K-1 A_q h_t, so a
         new token's query sees the tokens before it."""
-        a = self.A_q(x)                                                  # (B, T, H·d_k)
+        a = self.A_q(x)                                                  # (B, T, H·what_dim)
         if self.query_conv is not None:
-            past = cache.get("q_raw") if cache is not None else None     # (B, K-1, H·d_k) or None
+            past = cache.get("q_raw") if cache is not None else None     # (B, K-1, H·what_dim) or None
             a, tail = causal_conv(a, self.query_conv, n_windows, past)
             if cache is not None:
                 cache["q_raw"] = tail
-        return F.normalize(torch.tanh(self._heads(a, self.cfg.key_dim)), dim=-1)
+        c = None
+        if self.W_c is not None:
+            past = cache.get("q_whom") if cache is not None else None    # (B, P-1, 2·H·n) or None
+            c, tail = self.whom(x, n_windows, past)
+            c = c.detach()                                               # (B, T, H·n) trained apart
+            if cache is not None:
+                cache["q_whom"] = tail
+        return self.unit(a, c)
 
     def write_terms(self, x, n_windows=1, real=None):
         """Write-side projections of x (B, T, d), T = n_windows windows of equal (padded) length: unit
@@ -559,10 +620,11 @@ class DeltaMemory(nn.Module):
         With key_conv = K > 1 the convolution restarts in every window (K-1 zeros before its first
         token), and padding only ever follows a window's real tokens: so a key depends on its own window
         alone, never on how much padding the other episodes of a batch gave the window before it."""
-        a = self.A_k(x)                                                  # (B, T, H·d_k)
+        a = self.A_k(x)                                                  # (B, T, H·what_dim)
         if self.key_conv is not None:
-            a = causal_conv(a, self.key_conv, n_windows)[0]              # (B, T, H·d_k)
-        k = F.normalize(torch.tanh(self._heads(a, self.cfg.key_dim)), dim=-1)  # (B, H, T, d_k)
+            a = causal_conv(a, self.key_conv, n_windows)[0]              # (B, T, H·what_dim)
+        c = self.whom(x, n_windows)[0].detach() if self.W_c is not None else None  # (B, T, H·n) trained apart
+        k = self.unit(a, c)                                              # (B, H, T, d_k)
         v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
         gate = lambda W: torch.sigmoid(self._heads(W(x), W.out_features // self.cfg.heads))  # (B, H, T, r|1)
         beta = gate(self.W_beta) if real is None else gate(self.W_beta) * real

@@ -189,7 +189,7 @@ def fit(loss_at, params, optimizer, cfg, start, ckpt_path, save, log, evaluate=N
             stop.check()
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)                # a group may learn at its own rate
             loss = loss_at(it)
             if not torch.isfinite(loss):
                 raise UserError(f"{tag}loss became {loss.item()} at iteration {it}; the last good checkpoint is "

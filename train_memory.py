@@ -58,6 +58,9 @@ DEFAULTS = dict(
     # name, two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
     key_dim=8, rank=8, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
     layers="1,2", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=4, query_conv=1, decay_bias=6.0,
+    name_dim=0, name_pool=16,     # > 0: name_dim of the d_k key channels say whom a fact is about, from a
+                                  # content-weighted mean of the last name_pool tokens (trained by the binding term)
+    name_lr_scale=0.1,            # the whom part learns at this times the learning rate
     # training
     max_iters=300, batch_size=16, learning_rate=3e-2, min_lr=1e-3, warmup_iters=20, grad_clip=1.0,
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
@@ -144,7 +147,8 @@ def memory_config(cfg, **over):
     kw = dict(key_dim=cfg["key_dim"], rank=cfg["rank"], heads=cfg["heads"], write_unit=cfg["write"],
               sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
               gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"],
-              key_conv=cfg["key_conv"], query_conv=cfg["query_conv"], decay_bias=cfg["decay_bias"])
+              key_conv=cfg["key_conv"], query_conv=cfg["query_conv"], decay_bias=cfg["decay_bias"],
+              name_dim=cfg["name_dim"], name_pool=cfg["name_pool"])
     kw.update(over)
     try:
         return MemoryConfig(**kw)
@@ -311,7 +315,10 @@ def train_one(kind, name, gpt, enc, cfg, device):
     step = torch.compile(model) if cfg["compile"] else model             # runs the steps; saves use model
     path = memory_path(cfg, name)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0)
+    whom = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[-2] in ("W_c", "W_s")]
+    rest = [p for p in params if all(p is not w for w in whom)]
+    groups = [dict(params=rest)] + ([dict(params=whom, lr_scale=cfg["name_lr_scale"])] if whom else [])
+    opt = torch.optim.AdamW(groups, lr=cfg["learning_rate"], weight_decay=0.0)  # the whom part at its own rate
     start, history = 0, []
     if os.path.exists(path):
         ckpt = load_checkpoint(path, required=MEMORY_ENTRIES)
@@ -409,31 +416,32 @@ def answer_accuracy(model, enc, episodes, cfg, device):
 def fact_sites(enc, ep, window):
     """Where an episode's facts sit in its memory stream, and which fact each question asks.
 
-    Returns (sites, slots, asked, kinds): sites [(window, offset)] of every stated value's first token;
+    Returns (sites, slots, asked, kinds, whose): sites [(window, offset)] of every stated value's first token;
     slots [int] which (subject, slot) each statement is about (an update restates its slot: the delta
     rule should write it under the same key); asked [site index or None] per question: the latest
     statement of the gold answer (None: abstention, a session number, or an answer not stated); kinds
     [int] which attribute (or relation word) each statement states: facts of one kind are the rivals
-    that only the person tells apart."""
+    that only the person tells apart; whose [int] which person each statement is about."""
     runs = []                                                            # (window, first token) of every line
     for w, (_, seg) in enumerate(tasks.encode_history(enc, ep, window)):
         runs += [(w, i) for i, s in enumerate(seg) if i == 0 or seg[i - 1] != s]
     lines = [line for session in ep.sessions for line in session]
     if len(runs) != len(lines):                                          # a line cut across windows: skip it
-        return [], [], [None] * len(ep.questions), []
-    sites, slots, values, slot_id, kinds, kind_id = [], [], [], {}, [], {}
+        return [], [], [None] * len(ep.questions), [], []
+    sites, slots, values, slot_id, kinds, kind_id, whose, who_id = [], [], [], {}, [], {}, [], {}
     for (w, start), line in zip(runs, lines):
         for subject, slot, value in tasks.line_facts(line, ep.task):
             at = line.rfind(" " + value)                                 # values come last in their statement
             sites.append((w, start + len(enc.encode_ordinary(line[:at]))))
             slots.append(slot_id.setdefault((subject, slot), len(slot_id)))
             kinds.append(kind_id.setdefault(slot, len(kind_id)))
+            whose.append(who_id.setdefault(subject, len(who_id)))
             values.append(value)
     asked = []
     for q in ep.questions:
         hits = [i for i, v in enumerate(values) if v == q.a and q.family != "abstention"]
         asked.append(hits[-1] if hits else None)
-    return sites, slots, asked, kinds
+    return sites, slots, asked, kinds, whose
 
 
 class LayerInputs:
@@ -454,18 +462,18 @@ class LayerInputs:
 
 def binding_sites(enc, episodes, batch, block_size):
     """Per episode: stream positions (F,) of its facts' value tokens, their slot ids (F,), [(question,
-    read position, asked fact)] for the questions whose answer is a stated fact, and their kind ids (F,)
-    (fact_sites, in the batch's padded layout)."""
+    read position, asked fact)] for the questions whose answer is a stated fact, their kind ids (F,) and
+    person ids (F,) (fact_sites, in the batch's padded layout)."""
     W, L = batch["hist"].shape[1:]
     Lq = batch["qx"].size(-1)
     answer_at = (batch["qy"] != IGNORE_INDEX).float().argmax(-1)        # (B, Q) the last prompt token
     out = []
     for b, ep in enumerate(episodes):
-        sites, slots, asked, kinds = fact_sites(enc, ep, block_size)
+        sites, slots, asked, kinds, whose = fact_sites(enc, ep, block_size)
         pos = torch.tensor([w * L + o for w, o in sites], dtype=torch.long)
         reads = [(j, j * Lq + int(answer_at[b, j]), a) for j, a in enumerate(asked) if a is not None]
         out.append((pos, torch.tensor(slots, dtype=torch.long), reads if len(set(slots)) > 1 else [],
-                    torch.tensor(kinds, dtype=torch.long)))
+                    torch.tensor(kinds, dtype=torch.long), torch.tensor(whose, dtype=torch.long)))
     return out
 
 
@@ -474,27 +482,45 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
     q̃·k̃ / tau must pick the asked fact's write key (an InfoNCE term; the rest of the memory is untouched).
     Older statements of the asked slot are left out of the softmax: the delta rule overwrites them under
     the same key. same_kind: the only rivals are facts of the asked fact's attribute (other people's), the
-    ones that only the person tells apart. writes / reads: LayerInputs of the write and read passes; sites:
-    binding_sites."""
+    ones that only the person tells apart. With name_dim > 0 the keys' whom part (DeltaMemory.whom) gets
+    a term of its own, trained by nothing else: the same softmax with only other people's facts of the
+    asked attribute as rivals, so that nothing but the person can win it (with the person's facts of
+    other attributes as positives, a code of "not this attribute" would win it without the name).
+    writes / reads: LayerInputs of the write and read passes; sites: binding_sites."""
     losses = []
     for i, mem in model.memories.items():
         if not hasattr(mem, "write_terms"):                               # LoRA: no keys
             continue
-        B = len(sites)
-        k = mem.write_terms(writes[i].reshape(B, -1, writes[i].size(-1)), W)[0]  # (B, H, T, d_k)
-        q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)), len(reads[i]) // B)  # (B, H, Q·Lq, d_k)
-        for b, (pos, slots, asked, kinds) in enumerate(sites):
+        B, who = len(sites), getattr(mem, "W_c", None) is not None      # who: the keys have a whom part
+        x_w = writes[i].reshape(B, -1, writes[i].size(-1))               # (B, T, d)
+        x_r = reads[i].reshape(B, -1, reads[i].size(-1))                 # (B, Q·Lq, d)
+        k = mem.write_terms(x_w, W)[0]                                   # (B, H, T, d_k)
+        q = mem.read_query(x_r, len(reads[i]) // B)                      # (B, H, Q·Lq, d_k)
+        if who:                                                          # whom parts (B, H, ·, n), unit
+            unit = lambda c: F.normalize(torch.tanh(mem._heads(c, mem.cfg.name_dim)), dim=-1)
+            k_who, q_who = unit(mem.whom(x_w, W)[0]), unit(mem.whom(x_r, len(reads[i]) // B)[0])
+        for b, (pos, slots, asked, kinds, whose) in enumerate(sites):
             if not asked:
                 continue
-            ks = k[b, :, pos.to(k.device)]                               # (H, F, d_k)
-            qs = q[b, :, [p for _, p, _ in asked]]                       # (H, A, d_k)
-            logits = (qs @ ks.transpose(-1, -2)).mean(0) / tau           # (A, F)
+            at = [p for _, p, _ in asked]
             target = torch.tensor([a for _, _, a in asked], device=k.device)
+            ks = k[b, :, pos.to(k.device)]                               # (H, F, d_k)
+            logits = (q[b, :, at] @ ks.transpose(-1, -2)).mean(0) / tau  # (A, F)
             same = slots[target.cpu()][:, None] == slots[None, :]        # (A, F) the asked slot's statements
             same[torch.arange(len(target)), target] = False              # ... but the asked one itself
             if same_kind:                                                # and facts of other attributes
                 same |= kinds[target.cpu()][:, None] != kinds[None, :]
             losses.append(F.cross_entropy(logits.masked_fill(same.to(k.device), float("-inf")), target))
+            if who:                                                      # whom: the asked fact among
+                kw = k_who[b, :, pos.to(k.device)]                       # other people's of its attribute
+                logits = (q_who[b, :, at] @ kw.transpose(-1, -2)).mean(0) / tau  # (A, F)
+                t = target.cpu()
+                rival = (whose[t][:, None] != whose[None, :]) & (kinds[t][:, None] == kinds[None, :])
+                rival[torch.arange(len(t)), t] = True                    # (A, F) the candidates
+                some = rival.sum(-1) > 1                                 # (A,) questions with a rival
+                if some.any():
+                    logits = logits.masked_fill(~rival.to(k.device), float("-inf"))
+                    losses.append(F.cross_entropy(logits[some.to(k.device)], target[some.to(k.device)]))
     return torch.stack(losses).mean() if losses else None
 
 
@@ -561,7 +587,7 @@ def diagnose(model, enc, episodes, device):
         k, _, _, keep = mem.write_terms(writes[i].reshape(B, W * L, -1), W)  # (B, H, T, d_k), (B, H, T, r|1)
         q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)), len(reads[i]) // B)  # (B, H, Q·Lq, d_k)
         ret, sep, margin, same_sep, same_margin = [], [], [], [], []
-        for b, (pos, slots, asked, kinds) in enumerate(sites):
+        for b, (pos, slots, asked, kinds, _) in enumerate(sites):
             if len(pos) == 0:
                 continue
             pos = pos.to(device)
@@ -973,6 +999,7 @@ def check_config(cfg):
         general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1),
         read_window_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
         shared_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
+        name_lr_scale=(lambda v: v > 0, "a number > 0, e.g. 0.1"),
         aux_share=(lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.5"), max_questions=whole(0),
         n_pairs=(lambda v: 0 <= v <= len(tasks.pools_for("train")["names"]), "0 or a number of pairs, e.g. 8"),
         max_pairs=(lambda v: v == 0 or 2 <= v <= len(tasks.pools_for("train")["names"]), "0 or a number >= 2, e.g. 32")))

@@ -77,7 +77,7 @@ PRESETS = presets("ablate")                       # PRESET_TABLE: the memory's, 
 ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0, "bind_reg": 0.0,
                "dense_questions": False, "context_reg": 0.0, "shared_share": 0.0,
                "aux_share": 1.0, "max_questions": 0, "query_conv": 1,
-               "bind_rivals": "all", "max_pairs": 0}
+               "bind_rivals": "all", "max_pairs": 0, "name_dim": 0, "name_pool": 16, "name_lr_scale": 0.1}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs", "seed")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 # the state-size sweep: one memory per (d_k, rule), trained on recall episodes whose N is spread log-uniformly

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close, tiny_gpt
-from nanodeltamem import (GPT, GPTConfig, IGNORE_INDEX, DeltaMemGPT, DeltaMemory, MemoryConfig, delta_rule_scan,
-                         weights_hash)
+from nanodeltamem import (GPT, GPTConfig, IGNORE_INDEX, DeltaMemGPT, DeltaMemory, MemoryConfig, causal_pool,
+                         delta_rule_scan, weights_hash)
 from train_backbone import load_memory, save_memory
 
 
@@ -289,6 +289,48 @@ def test_key_and_query_conv_are_causal_convolutions_of_their_projection(side):
         assert_close(f"{side}s[:, 0] {n_windows}", of(x, n_windows)[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
 
 
+def test_causal_pool_is_a_score_weighted_mean_of_the_last_tokens_by_hand():
+    """p_t = Σ_j e^{s_{t-j}} a_{t-j} / Σ_j e^{s_{t-j}} over the last P tokens of t's window, one score per
+    group of channels; two calls with the first's tail equal one call."""
+    torch.manual_seed(0)
+    B, T, E, G, P = 2, 9, 6, 2, 3
+    a, s = torch.randn(B, T, E), torch.randn(B, T, G)
+    ref = torch.zeros(B, T, E)
+    for t in range(T):
+        js = range(max(0, t - P + 1), t + 1)
+        for g in range(G):
+            w = torch.stack([s[:, j, g].exp() for j in js], 1)           # (B, |js|)
+            ch = slice(g * E // G, (g + 1) * E // G)
+            ref[:, t, ch] = sum(w[:, i, None] * a[:, j, ch] for i, j in enumerate(js)) / w.sum(1, keepdim=True)
+    got, _ = causal_pool(a, s, P)
+    assert_close("causal_pool", got, ref, atol=1e-6)
+    first, tail = causal_pool(a[:, :4], s[:, :4], P)
+    rest, _ = causal_pool(a[:, 4:], s[:, 4:], P, past=tail)
+    assert_close("two calls", torch.cat([first, rest], 1), ref, atol=1e-6)
+    hot = torch.zeros(B, T, G)
+    hot[:, 2] = 30.0                                                     # one token's score dominates: p_t = a_2
+    assert_close("a picked token", causal_pool(a, hot, P)[0][:, 2:5], a[:, 2:3].expand(B, 3, E), atol=1e-6)
+
+
+def test_product_keys_of_one_attribute_and_two_people_are_orthogonal():
+    """k = L2norm(tanh(what) ⊗ tanh(whom)): q·k = (what·what')(whom·whom') for unit parts, so facts of one
+    attribute (the same what) about two people (orthogonal whoms) get orthogonal keys, and the same
+    person's two attributes too; the whom part gets no gradient through the keys (it is trained apart)."""
+    mem = DeltaMemory(8, MemoryConfig(key_dim=8, name_dim=2))
+    what = torch.tensor([[[3.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0]]])  # (1, 3, 4)
+    whom = torch.tensor([[[3.0, 0.0], [0.0, 3.0], [3.0, 0.0]]])         # (1, 3, 2): people A, B, A
+    k = mem.unit(what, whom)[0, 0]                                       # (3, 8)
+    assert k.shape == (3, 8)
+    assert_close("k kᵀ", k @ k.T, torch.eye(3), atol=1e-6)              # A's and B's city; A's city and job
+    same = mem.unit(what, torch.tensor([[[3.0, 0.0], [3.0, 0.0], [3.0, 0.0]]]))[0, 0]
+    assert float(same[0] @ same[1]) == pytest.approx(1.0)               # one person: one key per attribute
+    x = torch.randn(1, 5, 8)
+    mem.write_terms(x)[0].sum().backward()
+    mem.read_query(x).sum().backward()
+    assert mem.W_c.weight.grad is None and mem.W_s.weight.grad is None
+    assert mem.A_k.weight.grad is not None and mem.A_q.weight.grad is not None
+
+
 def test_reads_leave_the_state_unchanged_and_padding_never_writes():
     gpt = tiny_gpt()
     model = DeltaMemGPT(gpt, MemoryConfig())
@@ -367,7 +409,8 @@ def test_memory_checkpoint_refuses_another_backbone(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(key_dim=0), dict(rank=-1), dict(write_unit="line"), dict(sides="k"),
-                                 dict(update="hebb"), dict(gates="col"), dict(chunk_size=0)])
+                                 dict(update="hebb"), dict(gates="col"), dict(chunk_size=0),
+                                 dict(key_dim=8, name_dim=3), dict(name_dim=-1), dict(name_dim=2, name_pool=0)])
 def test_bad_memory_config_is_refused_with_valid_values(bad):
     with pytest.raises(ValueError):
         MemoryConfig(**bad)
@@ -403,7 +446,8 @@ def test_chunkwise_long_chunk_of_strong_decay_stays_finite():
                                                                          # that alone is off by up to 6e-4
 
 
-@pytest.mark.parametrize("with_memory,smear", [(False, 1), (True, 1), ("lora", 1), (False, 3), (True, 3), ("query_conv", 1)])
+@pytest.mark.parametrize("with_memory,smear", [(False, 1), (True, 1), ("lora", 1), (False, 3), (True, 3), ("query_conv", 1),
+                                               ("name_dim", 1)])
 def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, smear):
     # prompt of 6 tokens into the cache, then 4 tokens one at a time: the same logits as one full pass
     gpt = tiny_gpt(smear_keys=smear).eval()
@@ -417,8 +461,9 @@ def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, sm
             from train_memory import LoRAGPT
             model = LoRAGPT(gpt, MemoryConfig(), rank=4).eval()
         else:                                                            # query_conv: the read sees 3 tokens
-            conv = 3 if with_memory == "query_conv" else 1
-            model = DeltaMemGPT(gpt, MemoryConfig(chunk_size=4, query_conv=conv)).eval()
+            conv = 3 if with_memory == "query_conv" else 1               # name_dim: a whom pool of 5
+            whom = dict(key_dim=8, name_dim=2, name_pool=5) if with_memory == "name_dim" else {}
+            model = DeltaMemGPT(gpt, MemoryConfig(chunk_size=4, query_conv=conv, **whom)).eval()
         with torch.no_grad():
             for mem in model.memories.values():                          # corrections that matter
                 for p in mem.parameters():

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_memory as TM
 from data import tasks
@@ -306,7 +307,7 @@ def test_diagnostics_on_hand_built_keys_and_decays():
 
 def test_fact_sites_point_at_the_asked_value_token(enc):
     ep = tasks.make_msqa(np.random.default_rng(3), "small", "train", dense=True)
-    sites, slots, asked, kinds = TM.fact_sites(enc, ep, 256)
+    sites, slots, asked, kinds, whose = TM.fact_sites(enc, ep, 256)
     windows = tasks.encode_history(enc, ep, 256)
     facts = tasks.parse_facts(ep)
     assert len(sites) == len(facts)
@@ -373,9 +374,35 @@ def test_binding_term_leaves_the_asked_slots_older_statements_out():
     k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])               # (F, d_k)
     writes = {"0": k[None]}                                              # (B=1, T=3, d_k): facts at tokens 0..2
     reads = {"0": torch.tensor([[[0.0, 1.0]]])}                          # the query at read position 0
-    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2)], torch.zeros(3))]  # asks fact 2, the latest of slot 1
-    got = TM.binding_loss(model, writes, reads, sites, 1, 1, tau=0.5).item()
+    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2)], torch.zeros(3), torch.zeros(3))]  # asks fact 2,
+    got = TM.binding_loss(model, writes, reads, sites, 1, 1, tau=0.5).item()                  # the latest of slot 1
     assert got == pytest.approx(float(-torch.log_softmax(torch.tensor([0.0, 2.0]), 0)[1]))
+
+
+def test_whom_term_has_only_other_peoples_facts_of_the_asked_attribute_as_rivals():
+    """Facts: A's city, B's city, A's job, C's job; the question asks A's city. The whom term is a softmax
+    over A's city and B's city only (C's job: another attribute; A's job: the same person), by hand,
+    averaged with the full keys' term (rivals: every other slot)."""
+    class Mem(torch.nn.Module):                                          # keys, queries and whom parts by hand
+        W_c, cfg = True, type("cfg", (), dict(name_dim=2))
+        def write_terms(self, x, n_windows):
+            return (F.normalize(x[..., :2], dim=-1)[:, None],)
+        def read_query(self, x, n_windows=1):
+            return F.normalize(x[..., :2], dim=-1)[:, None]
+        def whom(self, x, n_windows=1):
+            return (x[..., 2:], None)
+        def _heads(self, x, size):
+            return x[:, None]
+    model = torch.nn.Module()
+    model.memories = torch.nn.ModuleDict({"0": Mem()})
+    big = 20.0                                                           # tanh(±20) = ±1: whom parts (1, 0), (0, 1)
+    k = torch.tensor([[1, 0, big, 0], [1, 0, 0, big], [0, 1, big, 0], [0, 1, -big, -big]])  # (F, 2 + 2)
+    q = torch.tensor([[[1.0, 0.0, big, -big]]])                          # what: city; whom: (1, -1) / √2
+    sites = [(torch.arange(4), torch.arange(4), [(0, 0, 0)], torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 2]))]
+    got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()
+    full = -torch.log_softmax(torch.tensor([1.0, 1.0, 0.0, 0.0]) / 0.5, 0)[0]  # q·k of the four facts
+    whom = -torch.log_softmax(torch.tensor([1.0, -1.0]) / 2 ** 0.5 / 0.5, 0)[0]   # A's city vs B's city
+    assert got == pytest.approx(float((full + whom) / 2), rel=1e-5)
 
 
 def test_same_attribute_margin_and_separation_by_hand():
