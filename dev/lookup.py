@@ -4,6 +4,7 @@ Binding by name, two instruments: can the backbone, and can a memory key, find a
     python dev/lookup.py                                   # both, on out/backbone.pt, N = 4 (about 2 CPU-minutes)
     python dev/lookup.py --backbone=CKPT --n_people=2 --conv=1,4,8 --layers=1,2
     python dev/lookup.py --conv=8 --fit_batch=64 --fit_steps=300 --fit_lr=3e-2   # as a training run would fit them
+    python dev/lookup.py --memory=out/memory_deltamem.pt   # 3. only: a trained memory's reads (~20 s)
 
 Both use episodes where N people share one attribute (data/tasks.make_shared: "Alice lives in Paris.",
 "Bob lives in Rome.", ... then "Where does Alice live?"), so the attribute's type alone finds the
@@ -21,6 +22,11 @@ asked fact at chance 1/N.
                facts (train-side episodes), then scored on other train-side episodes: top-1 of q·k (chance 1/N).
                K = 1 is the paper's memory; the name sits 3-5 tokens before a value and 5-8 before the
                answer slot, so only a conv that reaches it can bind by name.
+3. a memory    (--memory=CKPT, instead of 1 and 2) A trained memory on the same kind of episodes, 0 history
+               tokens: per memory layer, how often its read query at the answer slot scores the asked
+               fact's write key above the other people's (top-1, chance 1/N; with --name_dim also its whom
+               part alone), and the first answer token, teacher-forced: the asked person's value, a rival's
+               (the attribute alone gives 1/N and 1 - 1/N), or neither.
 """
 import os
 import sys
@@ -32,13 +38,15 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from train_backbone import load_backbone, run_cli  # noqa: E402
+from train_backbone import load_backbone, load_memory, run_cli  # noqa: E402
+import train_memory as TM  # noqa: E402
+from nanodeltamem import IGNORE_INDEX  # noqa: E402
 from data import tasks  # noqa: E402
 from data.config import UserError, parse_config  # noqa: E402
 from data.prepare import load_tokenizer  # noqa: E402
 
 DEFAULTS = dict(backbone="out/backbone.pt", data_dir="data/pydoc", n_people=4, episodes=40, fit_episodes=300,
-                conv="1,4,8", layers="1,2", key_dim=8, fit_steps=600, fit_lr=1e-2, fit_batch=0, seed=0)
+                conv="1,4,8", layers="1,2", key_dim=8, fit_steps=600, fit_lr=1e-2, fit_batch=0, seed=0, memory="")
 
 
 class Attention:
@@ -173,6 +181,46 @@ def fit_keys(train, test, key_dim, steps, seed, tau=0.1, lr=1e-2, batch=0):
         return tuple((logits(*s[:2]).argmax(-1) == s[2]).float().mean().item() for s in (train, test))
 
 
+@torch.no_grad()
+def memory_lookup(model, enc, episodes):
+    """A trained memory's reads on episodes written into it one at a time: per layer, the top-1 of the full
+    query and of its whom part (None without one) over the episode's facts; then the first answer token's
+    (asked, rival, neither) shares."""
+    model.eval()
+    top, top_whom, first = {i: [] for i in model.memories}, {i: [] for i in model.memories}, []
+    for ep in episodes:
+        batch = tasks.collate_episodes(enc, [ep], model.gpt.config.block_size, enc.eot_token)
+        pos, _, asked, _, _ = TM.binding_sites(enc, [ep], batch, model.gpt.config.block_size)[0]
+        if not asked:
+            continue
+        model.reset_memory()
+        with TM.LayerInputs(model) as seen:
+            model(batch["hist"], write=True, mask=batch["mask"], seg=batch["seg"], logits=False)
+            writes = dict(seen)
+            logits, _ = model(batch["qx"])                               # (Q, Lq, V)
+            reads = dict(seen)
+        at, target = [p for _, p, _ in asked], torch.tensor([a for _, _, a in asked])
+        W, Q = batch["hist"].size(1), batch["qx"].size(1)
+        for i, mem in model.memories.items():
+            x_w, x_r = writes[i].reshape(1, -1, writes[i].size(-1)), reads[i].reshape(1, -1, reads[i].size(-1))
+            k, q = mem.write_terms(x_w, W)[0][0], mem.read_query(x_r, Q)[0]   # (H, T, d_k), (H, Q·Lq, d_k)
+            top[i] += ((q[:, at] @ k[:, pos].transpose(-1, -2)).mean(0).argmax(-1) == target).tolist()
+            if mem.W_c is not None:
+                unit = lambda c: F.normalize(torch.tanh(mem._heads(c, mem.cfg.name_dim)), dim=-1)[0]
+                kw, qw = unit(mem.whom(x_w, W)[0]), unit(mem.whom(x_r, Q)[0])
+                top_whom[i] += ((qw[:, at] @ kw[:, pos].transpose(-1, -2)).mean(0).argmax(-1) == target).tolist()
+        y = batch["qy"][0]                                               # (Q, Lq)
+        firsts = {v: enc.encode_ordinary(" " + v)[0] for v in {q.a for q in ep.questions if q.a != tasks.UNKNOWN}}
+        for j, q in enumerate(ep.questions):
+            if q.a in firsts:
+                t = int((y[j] != IGNORE_INDEX).float().argmax())           # the first answer position
+                pred = int(logits[j, t].argmax())
+                first.append(0 if pred == firsts[q.a] else 1 if pred in firsts.values() else 2)
+    mean = lambda xs: float(np.mean(xs)) if xs else None
+    shares = np.bincount(first, minlength=3) / max(len(first), 1)
+    return {i: (mean(top[i]), mean(top_whom[i])) for i in top}, shares
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS)
     n, convs, layers = cfg["n_people"], [int(x) for x in str(cfg["conv"]).split(",")], \
@@ -189,6 +237,19 @@ def main(argv=None):
     enc = load_tokenizer(cfg["data_dir"])
     rng = np.random.default_rng(cfg["seed"])
     held_out = [tasks.make_shared(rng, n, split="train") for _ in range(cfg["episodes"])]  # train-side: never tune on held-out
+    if cfg["memory"]:
+        if not os.path.exists(cfg["memory"]):
+            raise UserError(f"memory {cfg['memory']} not found: train one with `python train_memory.py`")
+        mem = load_memory(cfg["memory"], model)[0]
+        tops, (a, r, other) = memory_lookup(mem, enc, held_out)
+        print(f"3. the memory {cfg['memory']} on {cfg['episodes']} train-side episodes, N = {n} people share one "
+              f"attribute, 0 history tokens (chance {1 / n:.2f})")
+        for i, (full, whom) in tops.items():
+            print(f"  layer {i}: the read query picks the asked fact's key {full:.2f}"
+                  + (f", its whom part alone {whom:.2f}" if whom is not None else ""))
+        print(f"  first answer token: the asked person's value {a:.2f}, a rival's {r:.2f}, neither {other:.2f} "
+              f"(the attribute alone: {1 / n:.2f}, {1 - 1 / n:.2f}, 0)")
+        return
 
     print(f"1. attention at the answer slot, history in context, N = {n} people share one attribute "
           f"({cfg['episodes']} episodes; top: chance {1 / n:.2f})")
