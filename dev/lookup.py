@@ -26,7 +26,7 @@ asked fact at chance 1/N.
                tokens: per memory layer, how often its read query at the answer slot scores the asked
                fact's write key above the other people's (top-1, chance 1/N; with --name_dim also its whom
                part alone), and the first answer token, teacher-forced: the asked person's value, a rival's
-               (the attribute alone gives 1/N and 1 - 1/N), or neither.
+               (the attribute alone gives 1/N and 1 - 1/N), or neither; and each answer token's accuracy.
 """
 import os
 import sys
@@ -184,10 +184,10 @@ def fit_keys(train, test, key_dim, steps, seed, tau=0.1, lr=1e-2, batch=0):
 @torch.no_grad()
 def memory_lookup(model, enc, episodes):
     """A trained memory's reads on episodes written into it one at a time: per layer, the top-1 of the full
-    query and of its whom part (None without one) over the episode's facts; then the first answer token's
-    (asked, rival, neither) shares."""
+    query and of its whom part (None without one) over the episode's facts; the first answer token's
+    (asked, rival, neither) shares; and each of the first 4 answer tokens' accuracy, teacher-forced."""
     model.eval()
-    top, top_whom, first = {i: [] for i in model.memories}, {i: [] for i in model.memories}, []
+    top, top_whom, first, per_token = {i: [] for i in model.memories}, {i: [] for i in model.memories}, [], {}
     for ep in episodes:
         batch = tasks.collate_episodes(enc, [ep], model.gpt.config.block_size, enc.eot_token)
         pos, _, asked, _, _ = TM.binding_sites(enc, [ep], batch, model.gpt.config.block_size)[0]
@@ -213,12 +213,14 @@ def memory_lookup(model, enc, episodes):
         firsts = {v: enc.encode_ordinary(" " + v)[0] for v in {q.a for q in ep.questions if q.a != tasks.UNKNOWN}}
         for j, q in enumerate(ep.questions):
             if q.a in firsts:
-                t = int((y[j] != IGNORE_INDEX).float().argmax())           # the first answer position
-                pred = int(logits[j, t].argmax())
+                at_answer = (y[j] != IGNORE_INDEX).nonzero().flatten()[:-1]  # the answer's tokens, not "\n"
+                pred = int(logits[j, at_answer[0]].argmax())
                 first.append(0 if pred == firsts[q.a] else 1 if pred in firsts.values() else 2)
+                for n, t in enumerate(at_answer.tolist()[:4]):           # each token, the ones before it given
+                    per_token.setdefault(n, []).append(int(logits[j, t].argmax() == y[j, t]))
     mean = lambda xs: float(np.mean(xs)) if xs else None
     shares = np.bincount(first, minlength=3) / max(len(first), 1)
-    return {i: (mean(top[i]), mean(top_whom[i])) for i in top}, shares
+    return {i: (mean(top[i]), mean(top_whom[i])) for i in top}, shares, [mean(per_token[n]) for n in sorted(per_token)]
 
 
 def main(argv=None):
@@ -241,7 +243,7 @@ def main(argv=None):
         if not os.path.exists(cfg["memory"]):
             raise UserError(f"memory {cfg['memory']} not found: train one with `python train_memory.py`")
         mem = load_memory(cfg["memory"], model)[0]
-        tops, (a, r, other) = memory_lookup(mem, enc, held_out)
+        tops, (a, r, other), per_token = memory_lookup(mem, enc, held_out)
         print(f"3. the memory {cfg['memory']} on {cfg['episodes']} train-side episodes, N = {n} people share one "
               f"attribute, 0 history tokens (chance {1 / n:.2f})")
         for i, (full, whom) in tops.items():
@@ -249,6 +251,8 @@ def main(argv=None):
                   + (f", its whom part alone {whom:.2f}" if whom is not None else ""))
         print(f"  first answer token: the asked person's value {a:.2f}, a rival's {r:.2f}, neither {other:.2f} "
               f"(the attribute alone: {1 / n:.2f}, {1 - 1 / n:.2f}, 0)")
+        print(f"  answer tokens 1-{len(per_token)}, each given the ones before it: "
+              + " ".join(f"{x:.2f}" for x in per_token))
         return
 
     print(f"1. attention at the answer slot, history in context, N = {n} people share one attribute "
