@@ -583,6 +583,10 @@ class DeltaMemory(nn.Module):
         """The whom part c (B, T, H·n) of x (B, T, d) before tanh, and causal_pool's tail (decoding)."""
         return causal_pool(self.W_c(x), 4 * torch.tanh(self.W_s(x)), self.cfg.name_pool, n_windows, past)
 
+    def whom_unit(self, x, n_windows=1):
+        """The whom part alone as unit vectors (B, H, T, n): what the binding term trains it on."""
+        return F.normalize(torch.tanh(self._heads(self.whom(x, n_windows)[0], self.cfg.name_dim)), dim=-1)
+
     def unit(self, a, c=None):
         """Unit keys or queries (B, H, T, d_k) from the what part a (B, T, H·what_dim) and the whom part c
         (B, T, H·n) before tanh: L2norm(tanh(a) ⊗ tanh(c)) per head, or L2norm(tanh(a)) without c."""

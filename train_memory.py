@@ -497,8 +497,7 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
         k = mem.write_terms(x_w, W)[0]                                   # (B, H, T, d_k)
         q = mem.read_query(x_r, len(reads[i]) // B)                      # (B, H, Q·Lq, d_k)
         if who:                                                          # whom parts (B, H, ·, n), unit
-            unit = lambda c: F.normalize(torch.tanh(mem._heads(c, mem.cfg.name_dim)), dim=-1)
-            k_who, q_who = unit(mem.whom(x_w, W)[0]), unit(mem.whom(x_r, len(reads[i]) // B)[0])
+            k_who, q_who = mem.whom_unit(x_w, W), mem.whom_unit(x_r, len(reads[i]) // B)
         for b, (pos, slots, asked, kinds, whose) in enumerate(sites):
             if not asked:
                 continue

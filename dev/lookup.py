@@ -206,8 +206,7 @@ def memory_lookup(model, enc, episodes):
             k, q = mem.write_terms(x_w, W)[0][0], mem.read_query(x_r, Q)[0]   # (H, T, d_k), (H, Q·Lq, d_k)
             top[i] += ((q[:, at] @ k[:, pos].transpose(-1, -2)).mean(0).argmax(-1) == target).tolist()
             if mem.W_c is not None:
-                unit = lambda c: F.normalize(torch.tanh(mem._heads(c, mem.cfg.name_dim)), dim=-1)[0]
-                kw, qw = unit(mem.whom(x_w, W)[0]), unit(mem.whom(x_r, Q)[0])
+                kw, qw = mem.whom_unit(x_w, W)[0], mem.whom_unit(x_r, Q)[0]  # (H, T, n), (H, Q·Lq, n)
                 top_whom[i] += ((qw[:, at] @ kw[:, pos].transpose(-1, -2)).mean(0).argmax(-1) == target).tolist()
         y = batch["qy"][0]                                               # (Q, Lq)
         firsts = {v: enc.encode_ordinary(" " + v)[0] for v in {q.a for q in ep.questions if q.a != tasks.UNKNOWN}}

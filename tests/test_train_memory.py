@@ -384,15 +384,13 @@ def test_whom_term_has_only_other_peoples_facts_of_the_asked_attribute_as_rivals
     over A's city and B's city only (C's job: another attribute; A's job: the same person), by hand,
     averaged with the full keys' term (rivals: every other slot)."""
     class Mem(torch.nn.Module):                                          # keys, queries and whom parts by hand
-        W_c, cfg = True, type("cfg", (), dict(name_dim=2))
+        W_c = True
         def write_terms(self, x, n_windows):
             return (F.normalize(x[..., :2], dim=-1)[:, None],)
         def read_query(self, x, n_windows=1):
             return F.normalize(x[..., :2], dim=-1)[:, None]
-        def whom(self, x, n_windows=1):
-            return (x[..., 2:], None)
-        def _heads(self, x, size):
-            return x[:, None]
+        def whom_unit(self, x, n_windows=1):
+            return F.normalize(torch.tanh(x[..., 2:]), dim=-1)[:, None]
     model = torch.nn.Module()
     model.memories = torch.nn.ModuleDict({"0": Mem()})
     big = 20.0                                                           # tanh(±20) = ±1: whom parts (1, 0), (0, 1)
