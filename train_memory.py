@@ -58,8 +58,8 @@ DEFAULTS = dict(
     # name, two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
     key_dim=8, rank=8, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
     layers="1,2", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=4, query_conv=1, decay_bias=6.0,
-    name_dim=0, name_pool=16,     # > 0: name_dim of the d_k key channels say whom a fact is about, from a
-                                  # content-weighted mean of the last name_pool tokens (trained by the binding term)
+    name_dim=0, name_pool=16,     # > 0: keys are what (d_k / name_dim) ⊗ whom (name_dim), whom a content-weighted
+                                  # mean of the last name_pool tokens (trained by the binding term alone)
     name_lr_scale=0.1,            # the whom part learns at this times the learning rate
     # training
     max_iters=300, batch_size=16, learning_rate=3e-2, min_lr=1e-3, warmup_iters=20, grad_clip=1.0,
