@@ -352,16 +352,19 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
         u_t = β_t (v_t - s_{t-1}·k_t).
       * Substitute s_{t-1}: u_t + β_t Σ_{i<t} (γ_{t-1}/γ_i)(k_t·k_i) u_i = β_t v_t - β_t γ_{t-1} (k_t·s_0),
         i.e. (I + A) u = β v - diag(β γ_{t-1}) K s_0, A = diag(β) (D ∘ K Kᵀ) strictly lower,
-        D[t, i] = exp(G_{t-1} - G_i). So u = u0 - W s_0 with u0 = (I+A)⁻¹ β v and
-        W = (I+A)⁻¹ diag(β γ_{t-1}) K, both independent of s_0: computed for all chunks at once.
+        D[t, i] = exp(G_{t-1} - G_i). So u = u0 - Tw K s_0 with u0 = (I+A)⁻¹ β v and
+        Tw = (I+A)⁻¹ diag(β γ_{t-1}) (C x C), both independent of s_0: computed for all chunks at once.
+        (Tw K is the W of the WY form; keeping the C x C factor apart, rather than W itself, C x d_k
+        per row group, is what keeps wide keys cheap with row-wise gates.)
       * Carry:  s_C = γ_C s_0 + Σ_i (γ_C/γ_i) u_i k_i = M s_0 + Bc,
-        M = γ_C I - Kᵀ diag(γ_C/γ) W,  Bc = Kᵀ (γ_C/γ ∘ u0).   (in code S holds rows: S Mᵀ + Bc, and
-        S Mᵀ = γ_C S - ((S Wᵀ) diag(γ_C/γ)) K in two thin matmuls)
-      * Reads, once the carry has given every chunk its s_0 and so its writes u = u0 - W s_0:
+        M = γ_C I - Kᵀ diag(γ_C/γ) Tw K,  Bc = Kᵀ (γ_C/γ ∘ u0).   (in code S holds rows: S Mᵀ + Bc, and
+        S Mᵀ = γ_C S - ((S Kᵀ) (diag(γ_C/γ) Tw)ᵀ) K in three thin matmuls, never forming M)
+      * Reads, once the carry has given every chunk its s_0 and so its writes u = u0 - Tw K s_0:
         o_t = γ_{t-1} q_t·s_0 + Σ_{i<t} D[t, i] (q_t·k_i) u_i = P u + diag(γ_{t-1}) Q s_0,
         P = D ∘ Q Kᵀ strictly lower.
-    Only the carry is sequential: one small matmul per chunk. Rows that share a gate (scalar
-    gates) share A and W, so their C x C work is done once; row-wise gates pay it r times.
+    Only the carry is sequential: three thin matmuls per chunk. Rows that share a gate (scalar
+    gates) share A and Tw, so their C x C work is done once; row-wise gates pay it r times, and every
+    product with K or Q is one matmul over all r rows.
     Decays stay differences of cumulative logs, clamped at 0 (the masked upper triangle), so no exp()
     can overflow.
     """
@@ -374,9 +377,13 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
         q, k, v, beta = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, beta))
         keep = F.pad(keep, (0, 0, 0, pad), value=1.0)
     n, C = (T + pad) // chunk_size, chunk_size
-    q = q.reshape(B, H, n, 1, C, dk)                                     # (B, H, n, 1, C, d_k)
-    k = k.reshape(B, H, n, 1, C, dk)
-    v = v.reshape(B, H, n, C, R, m).transpose(-3, -2)                    # (B, H, n, R, C, m)
+    # two layouts: per gate group (.., R, C, m), where each group has its own decays, and all rows at
+    # once (.., r, ·), where a product with the shared keys or queries is one matmul, not R thin ones
+    groups = lambda x: x.reshape(B, H, n, C, R, m).transpose(-3, -2)     # (B, H, n, C, r) -> (B, H, n, R, C, m)
+    rows = lambda x: x.transpose(-1, -2).reshape(B, H, n, r, C)          # (B, H, n, R, C, m) -> (B, H, n, r, C)
+    q = q.reshape(B, H, n, C, dk)                                        # (B, H, n, C, d_k)
+    k = k.reshape(B, H, n, C, dk)
+    v = groups(v)                                                        # (B, H, n, R, C, m)
     b = beta.reshape(B, H, n, C, R).transpose(-1, -2)[..., None]         # (B, H, n, R, C, 1)
     a = keep.reshape(B, H, n, C, R).transpose(-1, -2)[..., None]         # (B, H, n, R, C, 1)
 
@@ -388,34 +395,41 @@ def delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay=True, erase=Tru
     # D: the upper triangle masked by a 0/1 factor after exp(), not as -inf before it (slow on CPU)
     strict = torch.ones(C, C, dtype=q.dtype, device=q.device).tril(-1)   # (C, C)
     D = (G_prev - G.transpose(-1, -2)).clamp(max=0).exp() * strict       # (B, H, n, R, C, C)
-    kT = k.transpose(-1, -2)                                             # (B, H, n, 1, d_k, C)
-    P = D * (q @ kT)                                                     # (B, H, n, R, C, C)
+    kT = k.transpose(-1, -2)                                             # (B, H, n, d_k, C)
+    P = D * (q @ kT)[:, :, :, None]                                      # (B, H, n, R, C, C)
 
     if erase:
-        A = b * D * (k @ kT)                                             # (B, H, n, R, C, C)
-        X = unit_lower_solve(A, torch.cat([b * v, (b * G_prev.exp()) * k.expand(-1, -1, -1, R, -1, -1)], -1))
-        u0, W = X.split([m, dk], dim=-1)                                 # (.., C, m), (.., C, d_k)
+        A = b * D * (k @ kT)[:, :, :, None]                              # (B, H, n, R, C, C)
+        diag = torch.diag_embed((b * G_prev.exp()).squeeze(-1))          # (B, H, n, R, C, C) diag(β γ_{t-1})
+        X = unit_lower_solve(A, torch.cat([b * v, diag], -1))            # (B, H, n, R, C, m + C)
+        u0, Tw = X.split([m, C], dim=-1)                                 # (.., C, m), (.., C, C)
     else:                                                                # no erase: u_t = β_t v_t
-        u0, W = b * v, None
+        u0, Tw = b * v, None
 
     to_end = (G[..., -1:, :] - G).exp()                                  # (B, H, n, R, C, 1) γ_C/γ_t
-    gamma_C = G[..., -1:, :].exp()                                       # (B, H, n, R, 1, 1)
-    Bc = (to_end * u0).transpose(-1, -2) @ k                             # (B, H, n, R, m, d_k)
-    # the carry S Mᵀ = γ_C S - (S Wᵀ diag(γ_C/γ)) K, never forming Mᵀ (d_k x d_k per row group): C < d_k
-    Wt = (to_end * W).transpose(-1, -2) if W is not None else None       # (B, H, n, R, d_k, C)
+    gamma_C = G[..., -1:, :].exp().expand(-1, -1, -1, -1, m, -1).reshape(B, H, n, r, 1)  # (B, H, n, r, 1)
+    Bc = rows(to_end * u0) @ k                                           # (B, H, n, r, d_k)
+    # the carry S Mᵀ = γ_C S - ((S Kᵀ) (diag(γ_C/γ) Tw)ᵀ) K, never forming Mᵀ (d_k x d_k per row group)
+    Et = (to_end * Tw).transpose(-1, -2) if Tw is not None else None     # (B, H, n, R, C, C)
 
-    S = state.reshape(B, H, R, m, dk)                                    # rows grouped by gate
+    S = state                                                            # (B, H, r, d_k)
     by_chunk = lambda x: x.movedim(2, 0).contiguous().unbind(0)          # n contiguous chunks
     starts = []
-    chunks = zip(by_chunk(gamma_C), by_chunk(Bc), by_chunk(k), by_chunk(Wt) if Wt is not None else [None] * n)
-    for g_c, B_c, k_c, Wt_c in chunks:                                   # the only sequential part
+    chunks = zip(by_chunk(gamma_C), by_chunk(Bc), by_chunk(k), by_chunk(kT),
+                 by_chunk(Et) if Et is not None else [None] * n)
+    for g_c, B_c, k_c, kT_c, Et_c in chunks:                             # the only sequential part
         starts.append(S)
-        S = g_c * S + B_c if Wt_c is None else g_c * S - (S @ Wt_c) @ k_c + B_c  # (B, H, R, m, d_k)
-    S0 = torch.stack(starts, dim=2)                                      # (B, H, n, R, m, d_k)
-    u = u0 if W is None else u0 - W @ S0.transpose(-1, -2)               # (B, H, n, R, C, m) the writes
-    o = P @ u + G_prev.exp() * (q @ S0.transpose(-1, -2))                # (B, H, n, R, C, m)
+        if Et_c is None:
+            S = g_c * S + B_c                                            # (B, H, r, d_k)
+        else:                                                            # (S Kᵀ) per group, then its C x C
+            SK = ((S @ kT_c).view(B, H, R, m, C) @ Et_c).view(B, H, r, C)  # (B, H, r, C)
+            S = g_c * S - SK @ k_c + B_c                                 # (B, H, r, d_k)
+    S0 = torch.stack(starts, dim=2)                                      # (B, H, n, r, d_k)
+    S0T = S0.transpose(-1, -2)                                           # (B, H, n, d_k, r)
+    u = u0 if Tw is None else u0 - Tw @ groups(k @ S0T)                  # (B, H, n, R, C, m) the writes
+    o = P @ u + G_prev.exp() * groups(q @ S0T)                           # (B, H, n, R, C, m)
     read = o.transpose(-3, -2).reshape(B, H, n * C, r)[:, :, :T]         # (B, H, T, r)
-    return read, S.reshape(B, H, r, dk)
+    return read, S
 
 
 def delta_rule_scan(q, k, v, beta, state=None, chunk_size=None, decay=True, erase=True):

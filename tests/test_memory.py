@@ -52,6 +52,24 @@ def test_chunkwise_equals_recurrent_with_gradients(R, update, T, C):
         assert_close(f"gradient of {name} (chunkwise vs recurrent)", b, a, atol=1e-4 * max(1.0, a.abs().max().item()), rtol=0)
 
 
+@pytest.mark.parametrize("dk", [3, 64], ids=["keys narrower than the chunk", "keys wider than the chunk"])
+@pytest.mark.parametrize("decay", ["coupled", "own gate"])
+def test_chunkwise_equals_recurrent_for_any_key_width(dk, decay):
+    """The carry's thin matmuls (S Kᵀ, then C x C, then K) hold whether d_k is below or above the chunk."""
+    xs = rand_inputs(T=29, dk=dk, R=8)
+    lam = 0.5 + 0.5 * torch.rand(*xs[3].shape, generator=torch.Generator().manual_seed(4))
+    kw = dict(decay=lam) if decay == "own gate" else {}
+    r1, s1 = delta_rule_scan(*xs, **kw)
+    r2, s2 = delta_rule_scan(*xs, chunk_size=8, **kw)
+    assert_close("read (chunkwise vs recurrent)", r2, r1, atol=1e-5, rtol=0)
+    assert_close("final state (chunkwise vs recurrent)", s2, s1, atol=1e-5, rtol=0)
+    w1, w2 = torch.randn_like(r1), torch.randn_like(s1)
+    g1 = torch.autograd.grad((r1 * w1).sum() + (s1 * w2).sum(), xs)
+    g2 = torch.autograd.grad((r2 * w1).sum() + (s2 * w2).sum(), xs)
+    for name, a, b in zip(["q", "k", "v", "beta", "state"], g1, g2):
+        assert_close(f"gradient of {name} (chunkwise vs recurrent)", b, a, atol=1e-4 * max(1.0, a.abs().max().item()), rtol=0)
+
+
 @pytest.mark.parametrize("R", [8, 1], ids=["rowwise", "scalar"])
 @pytest.mark.parametrize("T,C", [(37, 8), (5, 8), (50, 4)])
 def test_chunkwise_equals_recurrent_with_a_decay_gate_of_its_own(R, T, C):
