@@ -54,12 +54,13 @@ DEFAULTS = dict(
     n_pairs=0,                    # task=recall: stored pairs per episode (0: the episode preset's)
     max_pairs=0,                  # task=recall: N drawn per episode, log-uniform in [2, max_pairs] (0: n_pairs)
     # the memory (nanodeltamem.MemoryConfig)
-    # (the recipe that binds, README "What makes a memory bind": a decay gate of its own, keys that see the
-    # name, two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
-    key_dim=8, rank=8, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
+    # (the recipe that binds, README "What makes a memory bind": a decay gate of its own, keys of what ⊗ whom,
+    # two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
+    key_dim=64, rank=8, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
     layers="1,2", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=4, query_conv=1, decay_bias=6.0,
-    name_dim=0, name_pool=16,     # > 0: keys are what (d_k / name_dim) ⊗ whom (name_dim), whom a content-weighted
-                                  # mean of the last name_pool tokens (trained by the binding term alone)
+    name_dim=8, name_pool=16,     # > 0: keys are what (d_k / name_dim) ⊗ whom (name_dim), whom a content-weighted
+                                  # mean of the last name_pool tokens (trained by the binding term alone); 0: d_k
+                                  # of what alone (the keys before 2026-12-04: --key_dim=8 --name_dim=0)
     name_lr_scale=0.1,            # the whom part learns at this times the learning rate
     # training
     max_iters=300, batch_size=16, learning_rate=3e-2, min_lr=1e-3, warmup_iters=20, grad_clip=1.0,
@@ -74,7 +75,7 @@ DEFAULTS = dict(
     aux_share=0.5,                # share of steps that add the context and general terms (spread evenly)
     dense_questions=True,         # training msqa episodes ask about every stated fact (reads are cheap)
     max_questions=0,              # at most this many of an episode's questions per step, drawn at random (0: all)
-    shared_share=0.0,             # share of training msqa episodes whose facts use only 2 attributes, so that
+    shared_share=0.5,             # share of training msqa episodes whose facts use only 2 attributes, so that
                                   # people share them and only the person tells the facts apart
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=25, eval_interval=100, val_episodes=64,  # progress line / validation and instruments

@@ -51,6 +51,8 @@ from data.tasks import exact_match  # noqa: E402
 
 DEFAULTS = dict(
     TM.DEFAULTS,
+    key_dim=8, name_dim=0,        # the sweeps vary d_k itself, so their keys are what alone (no whom part),
+    shared_share=0.0,             # and their episodes are the plain ones, as when their numbers were measured
     out_dir="out-ablate",
     backbone="out/backbone.pt",   # the main job's (pretrained there first when missing), not one per sweep
     max_iters=120,                # per cell, as train_memory.py: ~2 min a cell, the 25-cell CPU grid 50 min (measured)
@@ -100,9 +102,9 @@ RANK_QUICK = dict(rank=[2, 32])
 RANK_SPLITS = ["iid", "values"]
 # the rules the overwrite experiment compares: the default, the paper's, no decay, no erase
 OVERWRITES = dict(update=["gated", "delta", "deltanet", "hebbian"], seed=[1337, 1, 2])
-# msqa, the main job's recipe and steps, scored on the update questions whose older values all sit in
-# earlier sessions (overwritten_later); --task=overwrites: the recall variant, which this backbone
-# cannot read even with the history in context (README, "Where the delta rule wins")
+# msqa, the main job's recipe and steps (with the sweeps' plain keys), scored on the update questions whose
+# older values all sit in earlier sessions (overwritten_later); --task=overwrites: the recall variant, which
+# this backbone cannot read even with the history in context (README, "Where the delta rule wins")
 OVERWRITE_DEFAULTS = {False: dict(task="msqa", max_iters=400, eval_episodes=64),
                       True: dict(task="msqa", max_iters=60, eval_episodes=16)}  # --quick: one seed
 WRITES = {"token": "token", "tsw": "token", "segment": "segment", "ssw": "segment", "msw": "msw"}

@@ -274,10 +274,11 @@ def test_training_curves_from_checkpoint_histories(tmp_path):
 
 
 @pytest.mark.parametrize("over", [dict(), dict(update="hebbian"), dict(heads=2, rank=4), dict(gates="scalar"),
-                                  dict(key_conv=3, update="hebbian")])  # hebbian: no decay hides a wrong key
+                                  dict(key_conv=3, update="hebbian"),  # hebbian: no decay hides a wrong key
+                                  dict(key_dim=8, name_dim=2)])         # the main job's what ⊗ whom keys
 def test_memory_trace_replays_to_the_models_own_state(enc, gpt, tmp_path, over):
     torch.manual_seed(1)
-    model = DeltaMemGPT(gpt, TM.memory_config(dict(TM.DEFAULTS, key_dim=4, **over)))
+    model = DeltaMemGPT(gpt, TM.memory_config({**AB.DEFAULTS, "key_dim": 4, **over}))
     for mem in model.memories.values():                                  # gates that differ per token
         torch.nn.init.normal_(mem.W_beta.weight, std=0.5)
         if mem.key_conv is not None:                                     # a convolution that matters
@@ -289,7 +290,7 @@ def test_memory_trace_replays_to_the_models_own_state(enc, gpt, tmp_path, over):
     assert "".join(trace["tokens"]) == tasks.render_history(ep)
     S = torch.tensor(trace["states"])                                    # (T, H, r, d_k)
     H, r = model.mcfg.heads, model.mcfg.rank
-    assert S.shape == (T, H, r, 4) and np.array(trace["beta"]).shape == (H * r, T)
+    assert S.shape == (T, H, r, model.mcfg.key_dim) and np.array(trace["beta"]).shape == (H * r, T)
     # the token-by-token replay (recurrent) ends where the model's chunkwise write pass ended
     assert_close("S[-1]", S[-1], torch.tensor(trace["final_state"]), atol=1e-5)
     lines = [l for s in ep.sessions for l in s]
@@ -300,7 +301,7 @@ def test_memory_trace_replays_to_the_models_own_state(enc, gpt, tmp_path, over):
 
 
 def test_memory_trace_refuses_segment_writes(enc, gpt):
-    model = DeltaMemGPT(gpt, TM.memory_config(dict(TM.DEFAULTS, write="segment")))
+    model = DeltaMemGPT(gpt, TM.memory_config(dict(AB.DEFAULTS, write="segment")))
     with pytest.raises(AB.UserError, match="SSW"):
         AB.memory_trace(model, enc, tasks.make_recall(np.random.default_rng(3), "tiny", "iid"))
 

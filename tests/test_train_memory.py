@@ -33,7 +33,7 @@ def test_every_condition_gets_exactly_its_read_context(enc, gpt):
     assert conds["deltamem"][1] is dm and conds["no_history"][1] is None
 
 
-@pytest.mark.parametrize("over", [dict(), dict(key_dim=4, rank=2), dict(heads=4, rank=4), dict(sides="q"),
+@pytest.mark.parametrize("over", [dict(), dict(key_dim=4, name_dim=0, rank=2), dict(heads=4, rank=4), dict(sides="q"),
                                   dict(gates="scalar")])
 def test_lora_budget_matches_deltamem_within_10_percent(gpt, over):
     cfg = dict(TM.DEFAULTS, **over)
