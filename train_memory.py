@@ -14,8 +14,8 @@ An episode is a history (dated chat sessions) plus questions. A training step, p
      tokens, 0 by default), one question per stated fact (--dense_questions);
   3. the loss (episode_loss; the weights are DEFAULTS'):
        cross-entropy on the answer tokens
-     + bind_reg 1.0 x binding_loss: at each answer, an InfoNCE over the episode's facts picks the
-       asked fact's write key
+     + bind_reg 1.0 x binding_loss: at each answer's first bind_tokens 2 tokens, an InfoNCE over the
+       episode's facts picks the asked fact's write key at the same token of its value
      + context_reg 0.5 x the LM loss of the episode's own history (+ 2 answers) read with its state
      + general_reg 1.0 x the LM loss of corpus text read with the state: stay quiet off-topic
        (these two on an aux_share 0.5 of the steps: the step's most costly tokens after the questions)
@@ -56,7 +56,7 @@ DEFAULTS = dict(
     # the memory (nanodeltamem.MemoryConfig)
     # (the recipe that binds, README "What makes a memory bind": a decay gate of its own, keys of what ⊗ whom,
     # two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
-    key_dim=64, rank=8, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
+    key_dim=64, rank=32, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
     layers="1,2", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=4, query_conv=1, decay_bias=6.0,
     name_dim=8, name_pool=16,     # > 0: keys are what (d_k / name_dim) ⊗ whom (name_dim), whom a content-weighted
                                   # mean of the last name_pool tokens (trained by the binding term alone); 0: d_k
@@ -71,6 +71,7 @@ DEFAULTS = dict(
     state_margin=0.0,             # + state_margin x softplus(1 - (loss with another episode's state - own loss))
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
     bind_rivals="all",            # ... among all the episode's facts | same: only facts of the asked attribute
+    bind_tokens=2,                # ... at the answer's first 1 or 2 tokens (the second reads the value's second)
     context_reg=0.5,              # + context_reg x LM loss of the episode's own history read with its state
     aux_share=0.5,                # share of steps that add the context and general terms (spread evenly)
     dense_questions=True,         # training msqa episodes ask about every stated fact (reads are cheap)
@@ -304,7 +305,7 @@ def step_inputs(enc, cfg, it, block_size, corpus=None):
         eps = [replace(ep, questions=[ep.questions[i] for i in sorted(rng.permutation(len(ep.questions))
                                                                       [:cfg["max_questions"]])]) for ep in eps]
     batch = tasks.collate_episodes(enc, eps, block_size, enc.eot_token, read_window_at(it, cfg))
-    sites = binding_sites(enc, eps, batch, block_size) if cfg["bind_reg"] > 0 else None
+    sites = binding_sites(enc, eps, batch, block_size, cfg["bind_tokens"]) if cfg["bind_reg"] > 0 else None
     context = context_rows(enc, eps, block_size, enc.eot_token) if cfg["context_reg"] > 0 and aux else None
     return batch, dict(general=general, sites=sites, context=context)
 
@@ -417,7 +418,8 @@ def answer_accuracy(model, enc, episodes, cfg, device):
 def fact_sites(enc, ep, window):
     """Where an episode's facts sit in its memory stream, and which fact each question asks.
 
-    Returns (sites, slots, asked, kinds, whose): sites [(window, offset)] of every stated value's first token;
+    Returns (sites, slots, asked, kinds, whose): sites [(window, offset, n)] of every stated value's first
+    token and its number of tokens n;
     slots [int] which (subject, slot) each statement is about (an update restates its slot: the delta
     rule should write it under the same key); asked [site index or None] per question: the latest
     statement of the gold answer (None: abstention, a session number, or an answer not stated); kinds
@@ -433,7 +435,7 @@ def fact_sites(enc, ep, window):
     for (w, start), line in zip(runs, lines):
         for subject, slot, value in tasks.line_facts(line, ep.task):
             at = line.rfind(" " + value)                                 # values come last in their statement
-            sites.append((w, start + len(enc.encode_ordinary(line[:at]))))
+            sites.append((w, start + len(enc.encode_ordinary(line[:at])), len(enc.encode_ordinary(" " + value))))
             slots.append(slot_id.setdefault((subject, slot), len(slot_id)))
             kinds.append(kind_id.setdefault(slot, len(kind_id)))
             whose.append(who_id.setdefault(subject, len(who_id)))
@@ -461,26 +463,30 @@ class LayerInputs:
             h.remove()
 
 
-def binding_sites(enc, episodes, batch, block_size):
+def binding_sites(enc, episodes, batch, block_size, tokens=1):
     """Per episode: stream positions (F,) of its facts' value tokens, their slot ids (F,), [(question,
-    read position, asked fact)] for the questions whose answer is a stated fact, their kind ids (F,) and
-    person ids (F,) (fact_sites, in the batch's padded layout)."""
+    read position, asked fact, j)] for the questions whose answer is a stated fact, their kind ids (F,) and
+    person ids (F,) (fact_sites, in the batch's padded layout). j < tokens is which answer token reads
+    (0: the answer slot reads the value's first token; 1: the answer's first token reads its second, for
+    values of two tokens or more)."""
     W, L = batch["hist"].shape[1:]
     Lq = batch["qx"].size(-1)
     answer_at = (batch["qy"] != IGNORE_INDEX).float().argmax(-1)        # (B, Q) the last prompt token
     out = []
     for b, ep in enumerate(episodes):
         sites, slots, asked, kinds, whose = fact_sites(enc, ep, block_size)
-        pos = torch.tensor([w * L + o for w, o in sites], dtype=torch.long)
-        reads = [(j, j * Lq + int(answer_at[b, j]), a) for j, a in enumerate(asked) if a is not None]
+        pos = torch.tensor([w * L + o for w, o, _ in sites], dtype=torch.long)
+        reads = [(q, q * Lq + int(answer_at[b, q]) + j, a, j) for j in range(tokens)
+                 for q, a in enumerate(asked) if a is not None and sites[a][2] > j]
         out.append((pos, torch.tensor(slots, dtype=torch.long), reads if len(set(slots)) > 1 else [],
                     torch.tensor(kinds, dtype=torch.long), torch.tensor(whose, dtype=torch.long)))
     return out
 
 
 def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
-    """Key-query matching, trained directly: at each answer, a softmax over the episode's facts of
-    q̃·k̃ / tau must pick the asked fact's write key (an InfoNCE term; the rest of the memory is untouched).
+    """Key-query matching, trained directly: at each answer token that binding_sites names (the j-th), a
+    softmax over the episode's facts of q̃·k̃ / tau must pick the asked fact's write key at its value's j-th
+    token (an InfoNCE term; the rest of the memory is untouched).
     Older statements of the asked slot are left out of the softmax: the delta rule overwrites them under
     the same key. same_kind: the only rivals are facts of the asked fact's attribute (other people's), the
     ones that only the person tells apart. With name_dim > 0 the keys' whom part (DeltaMemory.whom) gets
@@ -499,28 +505,28 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
         q = mem.read_query(x_r, len(reads[i]) // B)                      # (B, H, Q·Lq, d_k)
         if who:                                                          # whom parts (B, H, ·, n), unit
             k_who, q_who = mem.whom_unit(x_w, W), mem.whom_unit(x_r, len(reads[i]) // B)
-        for b, (pos, slots, asked, kinds, whose) in enumerate(sites):
-            if not asked:
-                continue
-            at = [p for _, p, _ in asked]
-            target = torch.tensor([a for _, _, a in asked], device=k.device)
-            ks = k[b, :, pos.to(k.device)]                               # (H, F, d_k)
-            logits = (q[b, :, at] @ ks.transpose(-1, -2)).mean(0) / tau  # (A, F)
-            same = slots[target.cpu()][:, None] == slots[None, :]        # (A, F) the asked slot's statements
-            same[torch.arange(len(target)), target] = False              # ... but the asked one itself
-            if same_kind:                                                # and facts of other attributes
-                same |= kinds[target.cpu()][:, None] != kinds[None, :]
-            losses.append(F.cross_entropy(logits.masked_fill(same.to(k.device), float("-inf")), target))
-            if who:                                                      # whom: the asked fact among
-                kw = k_who[b, :, pos.to(k.device)]                       # other people's of its attribute
-                logits = (q_who[b, :, at] @ kw.transpose(-1, -2)).mean(0) / tau  # (A, F)
-                t = target.cpu()
-                rival = (whose[t][:, None] != whose[None, :]) & (kinds[t][:, None] == kinds[None, :])
-                rival[torch.arange(len(t)), t] = True                    # (A, F) the candidates
-                some = rival.sum(-1) > 1                                 # (A,) questions with a rival
-                if some.any():
-                    logits = logits.masked_fill(~rival.to(k.device), float("-inf"))
-                    losses.append(F.cross_entropy(logits[some.to(k.device)], target[some.to(k.device)]))
+        for b, (pos, slots, rows, kinds, whose) in enumerate(sites):
+            for j in sorted({r[3] for r in rows}):                       # the answer's j-th token reads the
+                asked = [r for r in rows if r[3] == j]                   # value's j-th: facts' keys there
+                at = [p for _, p, _, _ in asked]
+                target = torch.tensor([a for _, _, a, _ in asked], device=k.device)
+                ks = k[b, :, (pos + j).to(k.device)]                     # (H, F, d_k)
+                logits = (q[b, :, at] @ ks.transpose(-1, -2)).mean(0) / tau  # (A, F)
+                same = slots[target.cpu()][:, None] == slots[None, :]    # (A, F) the asked slot's statements
+                same[torch.arange(len(target)), target] = False          # ... but the asked one itself
+                if same_kind:                                            # and facts of other attributes
+                    same |= kinds[target.cpu()][:, None] != kinds[None, :]
+                losses.append(F.cross_entropy(logits.masked_fill(same.to(k.device), float("-inf")), target))
+                if who:                                                  # whom: the asked fact among
+                    kw = k_who[b, :, (pos + j).to(k.device)]             # other people's of its attribute
+                    logits = (q_who[b, :, at] @ kw.transpose(-1, -2)).mean(0) / tau  # (A, F)
+                    t = target.cpu()
+                    rival = (whose[t][:, None] != whose[None, :]) & (kinds[t][:, None] == kinds[None, :])
+                    rival[torch.arange(len(t)), t] = True                # (A, F) the candidates
+                    some = rival.sum(-1) > 1                             # (A,) questions with a rival
+                    if some.any():
+                        logits = logits.masked_fill(~rival.to(k.device), float("-inf"))
+                        losses.append(F.cross_entropy(logits[some.to(k.device)], target[some.to(k.device)]))
     return torch.stack(losses).mean() if losses else None
 
 
@@ -594,8 +600,8 @@ def diagnose(model, enc, episodes, device):
             ret += retention(keep[b], real[b], pos).tolist()
             sep.append(key_separation(k[b, :, pos], slots))
             same_sep.append(key_separation(k[b, :, pos], slots, kinds))
-            margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a) for _, at, a in asked]
-            same_margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a, kinds) for _, at, a in asked]
+            margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a) for _, at, a, _ in asked]
+            same_margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a, kinds) for _, at, a, _ in asked]
         given = lambda xs: [x.item() for x in xs if x is not None]      # None: an episode without such rivals
         mean = lambda xs: float(np.mean(given(xs))) if given(xs) else None
         out[i] = dict(retention_mean=float(np.mean(ret)) if ret else None,
@@ -987,6 +993,8 @@ def check_config(cfg):
         raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, overwrites, mix")
     if cfg["bind_rivals"] not in ("all", "same"):
         raise UserError(f"--bind_rivals={cfg['bind_rivals']!r} is not valid; choose all or same")
+    if cfg["bind_tokens"] not in (1, 2) or isinstance(cfg["bind_tokens"], bool):
+        raise UserError(f"--bind_tokens={cfg['bind_tokens']!r} is not valid; choose 1 or 2")
     if cfg["episode_preset"] not in tasks.PRESETS:
         raise UserError(f"--episode_preset={cfg['episode_preset']!r} is not valid; choose one of "
                         f"{', '.join(tasks.PRESETS)}")

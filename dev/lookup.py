@@ -199,7 +199,7 @@ def memory_lookup(model, enc, episodes):
             writes = dict(seen)
             logits, _ = model(batch["qx"])                               # (Q, Lq, V)
             reads = dict(seen)
-        at, target = [p for _, p, _ in asked], torch.tensor([a for _, _, a in asked])
+        at, target = [p for _, p, _, _ in asked], torch.tensor([a for _, _, a, _ in asked])
         W, Q = batch["hist"].size(1), batch["qx"].size(1)
         for i, mem in model.memories.items():
             x_w, x_r = writes[i].reshape(1, -1, writes[i].size(-1)), reads[i].reshape(1, -1, reads[i].size(-1))

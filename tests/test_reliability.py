@@ -55,7 +55,7 @@ def backbone_args(data_dir, out_dir, *extra):
 def memory_args(data_dir, backbone, out_dir, *extra):
     return [f"--data_dir={data_dir}", f"--backbone={backbone}", f"--out_dir={out_dir}", "--episode_preset=tiny",
             "--batch_size=2", "--max_iters=30", "--log_interval=2", "--eval_interval=2", "--val_episodes=2", "--eval_episodes=1",
-            "--baselines=", "--eval_read_window=16", "--device=cpu", "--layers=all", *extra]  # a 1-layer backbone
+            "--baselines=", "--eval_read_window=16", "--device=cpu", "--layers=all", "--rank=8", *extra]  # a 1-layer, width-16 backbone
 
 
 def start_and_stop(script, args, sig, ready, times=1):
@@ -327,6 +327,7 @@ def test_a_memory_checkpoint_with_wrong_entries_is_refused(backbone, tmp_path):
     ("--update=oja", "delta, gated, deltanet, hebbian"), ("--gates=vector", "rowwise, scalar"), ("--layers=0,x", "e.g. 0,2"),
     ("--baselines=rag", "lora, hebbian"), ("--episode_preset=huge", "tiny, small, medium, long"),
     ("--device=gpu", "auto, cpu, cuda"), ("--key_dim=2.5", "expects a int"), ("--bogus=1", "valid options"),
+    ("--bind_tokens=3", "choose 1 or 2"),
 ])
 def test_memory_flags_are_range_checked_before_any_work(flag, valid, tmp_path):
     # a nonexistent backbone and data dir: the flag must be refused before either is looked at

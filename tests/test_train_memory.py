@@ -311,8 +311,9 @@ def test_fact_sites_point_at_the_asked_value_token(enc):
     windows = tasks.encode_history(enc, ep, 256)
     facts = tasks.parse_facts(ep)
     assert len(sites) == len(facts)
-    for (w, o), (_, _, _, value) in zip(sites, facts):                  # each site starts its value's word
-        assert enc.decode(windows[w][0][o:o + 40]).startswith(" " + value)
+    for (w, o, n), (_, _, _, value) in zip(sites, facts):               # each site starts its value's word,
+        assert enc.decode(windows[w][0][o:o + 40]).startswith(" " + value)   # n tokens long
+        assert enc.decode(windows[w][0][o:o + n]) == " " + value
     for i, j in [(i, j) for i in range(len(facts)) for j in range(len(facts))]:  # one slot id per (subject, slot)
         assert (slots[i] == slots[j]) == (facts[i][1:3] == facts[j][1:3])
     for i, j in [(i, j) for i in range(len(facts)) for j in range(len(facts))]:  # one kind id per attribute
@@ -321,6 +322,23 @@ def test_fact_sites_point_at_the_asked_value_token(enc):
         assert (a is None) == (q.family == "abstention" or q.a not in [f[3] for f in facts])
         if a is not None:
             assert facts[a][3] == q.a
+
+
+def test_binding_sites_second_tokens_read_the_values_second_token(enc):
+    """bind_tokens = 2: a row (question, read position, fact, j) reads where the answer's j-th token is the
+    target, and the fact's write site j tokens on holds that same token; j = 1 only for values of 2+ tokens."""
+    eps = [tasks.make_shared(np.random.default_rng(s), 4, "train") for s in range(3)]
+    batch = tasks.collate_episodes(enc, eps, 256, enc.eot_token)
+    hist, qy, Lq = batch["hist"].flatten(1), batch["qy"].flatten(1), batch["qy"].size(-1)  # (B, W·L), (B, Q·Lq)
+    seen = set()
+    for b, (pos, _, rows, _, _) in enumerate(TM.binding_sites(enc, eps, batch, 256, tokens=2)):
+        n = [s[2] for s in TM.fact_sites(enc, eps[b], 256)[0]]
+        assert {(q, a) for q, _, a, j in rows if j == 1} == {(q, a) for q, _, a, j in rows if j == 0 and n[a] > 1}
+        for q, p, a, j in rows:
+            assert p // Lq == q and qy[b, p] == hist[b, pos[a] + j]        # the answer's j-th token, written there
+            assert enc.decode(qy[b, p - j:p + 1].tolist()) == enc.decode(hist[b, pos[a]:pos[a] + j + 1].tolist())
+            seen.add(j)
+    assert seen == {0, 1}
 
 
 def test_dense_msqa_asks_every_stated_fact_and_its_gold_is_rederived():
@@ -361,20 +379,26 @@ def test_context_rows_are_the_episodes_own_document_shifted_by_one(enc):
         assert x[i, 0].tolist() == doc[-65:-1] and y[i, 0].tolist() == doc[-64:]
 
 
-def test_binding_term_leaves_the_asked_slots_older_statements_out():
-    """One question about slot 1, stated twice (facts 1 and 2): with keys of facts 1 and 2 equal, the
-    query equal to them gets the loss of a 2-way softmax against fact 0 only, not a 3-way one."""
-    class Mem(torch.nn.Module):                                          # keys and queries given by hand
+def keys_by_hand():
+    """A model whose one memory's write keys and read queries are its layer inputs themselves."""
+    class Mem(torch.nn.Module):
         def write_terms(self, x, n_windows):
-            return (x[:, None],)
+            return (x[:, None],)                                         # (B, H=1, T, d_k)
         def read_query(self, x, n_windows=1):
             return x[:, None]
     model = torch.nn.Module()
     model.memories = torch.nn.ModuleDict({"0": Mem()})
+    return model
+
+
+def test_binding_term_leaves_the_asked_slots_older_statements_out():
+    """One question about slot 1, stated twice (facts 1 and 2): with keys of facts 1 and 2 equal, the
+    query equal to them gets the loss of a 2-way softmax against fact 0 only, not a 3-way one."""
+    model = keys_by_hand()
     k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])               # (F, d_k)
     writes = {"0": k[None]}                                              # (B=1, T=3, d_k): facts at tokens 0..2
     reads = {"0": torch.tensor([[[0.0, 1.0]]])}                          # the query at read position 0
-    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2)], torch.zeros(3), torch.zeros(3))]  # asks fact 2,
+    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2, 0)], torch.zeros(3), torch.zeros(3))]  # asks fact 2,
     got = TM.binding_loss(model, writes, reads, sites, 1, 1, tau=0.5).item()                  # the latest of slot 1
     assert got == pytest.approx(float(-torch.log_softmax(torch.tensor([0.0, 2.0]), 0)[1]))
 
@@ -396,11 +420,25 @@ def test_whom_term_has_only_other_peoples_facts_of_the_asked_attribute_as_rivals
     big = 20.0                                                           # tanh(±20) = ±1: whom parts (1, 0), (0, 1)
     k = torch.tensor([[1, 0, big, 0], [1, 0, 0, big], [0, 1, big, 0], [0, 1, -big, -big]])  # (F, 2 + 2)
     q = torch.tensor([[[1.0, 0.0, big, -big]]])                          # what: city; whom: (1, -1) / √2
-    sites = [(torch.arange(4), torch.arange(4), [(0, 0, 0)], torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 2]))]
+    sites = [(torch.arange(4), torch.arange(4), [(0, 0, 0, 0)], torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 2]))]
     got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()
     full = -torch.log_softmax(torch.tensor([1.0, 1.0, 0.0, 0.0]) / 0.5, 0)[0]  # q·k of the four facts
     whom = -torch.log_softmax(torch.tensor([1.0, -1.0]) / 2 ** 0.5 / 0.5, 0)[0]   # A's city vs B's city
     assert got == pytest.approx(float((full + whom) / 2), rel=1e-5)
+
+
+def test_binding_term_reads_the_second_answer_token_at_the_values_second_token():
+    """Two facts of two tokens each (tokens 0-1 and 2-3); the question asks fact 0 with rows j = 0 (read at
+    position 0) and j = 1 (read at 1). The loss is the mean of two softmaxes by hand: query 0 against the
+    keys at tokens 0 and 2, query 1 against the keys at tokens 1 and 3 (the values' second tokens)."""
+    model = keys_by_hand()
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0], [0.0, -1.0]])  # (T=4, d_k)
+    q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])                         # (1, 2, d_k) read positions 0, 1
+    sites = [(torch.tensor([0, 2]), torch.arange(2), [(0, 0, 0, 0), (0, 1, 0, 1)], torch.zeros(2), torch.arange(2))]
+    got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()
+    first = -torch.log_softmax(torch.tensor([1.0, 0.5]) / 0.5, 0)[0]    # q_0 · (k_0, k_2)
+    second = -torch.log_softmax(torch.tensor([2.0, -2.0]) / 0.5, 0)[0]  # q_1 · (k_1, k_3)
+    assert got == pytest.approx(float((first + second) / 2), rel=1e-6)
 
 
 def test_same_attribute_margin_and_separation_by_hand():
