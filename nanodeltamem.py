@@ -457,6 +457,27 @@ def delta_rule_scan(q, k, v, beta, state=None, chunk_size=None, decay=True, eras
         return delta_rule_chunkwise(q, k, v, beta, state, chunk_size, decay, erase)
 
 
+def scan_real_tokens(q, k, v, beta, state, real, chunk_size=None, decay=True, erase=True):
+    """delta_rule_scan over each row's real tokens only (real (B, T) bool), in their order.
+
+    Why: a batch pads every session window to its longest one, so about half of a training stream is
+    padding, and padding is a no-op for the state (β = 0, keep 1). Taking each row's real tokens to the
+    front (and as much of its padding as the row with the most real tokens leaves) halves the scan's
+    steps and gives the same state, and the same reads at the real tokens. The reads at padding are never
+    used (padding only follows a window's real tokens, and nothing reads a later token).
+    """
+    B, H, T, _ = q.shape
+    real = real.bool()
+    n = int(real.sum(1).max())                                           # the longest row's real tokens
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n) real positions first
+    at = lambda x: order[:, None, :, None].expand(B, x.size(1), n, x.size(-1))  # (B, H, n, ·) indices
+    take = lambda x: x.gather(2, at(x))                                  # (B, H, n, ·)
+    decay = take(decay) if torch.is_tensor(decay) else decay
+    read, state = delta_rule_scan(take(q), take(k), take(v), take(beta), state, chunk_size, decay, erase)
+    full = torch.zeros(B, H, T, read.size(-1), dtype=read.dtype, device=read.device)
+    return full.scatter(2, at(read), read), state                      # (B, H, T, r), (B, H, r, d_k)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. The memory: one delta-rule state per attention layer, read as low-rank corrections
 # ----------------------------------------------------------------------------------------------
@@ -676,7 +697,10 @@ class DeltaMemory(nn.Module):
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
             k, v, beta, keep = self.write_terms(x, n_windows, real)     # padding: β = 0, keep 1, a no-op
             self.mean_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
-            read, S = delta_rule_scan(q, k, v, beta, S, **self._decay(scan, keep))
+            if mask is None:
+                read, S = delta_rule_scan(q, k, v, beta, S, **self._decay(scan, keep))
+            else:                                                        # the same, without the padding
+                read, S = scan_real_tokens(q, k, v, beta, S, mask.reshape(B, T), **self._decay(scan, keep))
         else:                                                            # SSW: every line writes once
             read, S = self._segment_write(h, q, S, n_windows, seg, scan)
         self.state = S

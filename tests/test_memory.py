@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close, tiny_gpt
 from nanodeltamem import (GPT, GPTConfig, IGNORE_INDEX, DeltaMemGPT, DeltaMemory, MemoryConfig, causal_pool,
-                         delta_rule_scan, weights_hash)
+                         delta_rule_scan, scan_real_tokens, weights_hash)
 from train_backbone import load_memory, save_memory
 
 
@@ -121,6 +121,36 @@ def test_gated_memory_keeps_what_its_own_gate_says():
         want = delta_rule_scan(q, k, v, beta, decay=keep)[1]
     assert_close("mem.state", mem.state, want, atol=1e-5)
     assert not torch.allclose(mem.state, delta_rule_scan(q, k, v, beta)[1], atol=1e-3)  # not the coupled rule
+
+
+@pytest.mark.parametrize("update", ["delta", "gated", "hebbian"])
+def test_scan_of_real_tokens_equals_the_padded_scan(update):
+    """Windows padded at their ends (row 0: 5 real + 3 pad, 2 real + 6 pad; row 1: 8 real, 7 real + 1 pad):
+    the scan that skips padding gives the padded scan's state, reads at real tokens and gradients, with
+    padding's β = 0 and keep 1 (what write_terms gives it)."""
+    q, k, v, beta, s0 = rand_inputs(B=2, H=2, T=16, r=4, R=4, seed=3)
+    lam = torch.rand(2, 2, 16, 4, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    real = torch.tensor([[1] * 5 + [0] * 3 + [1] * 2 + [0] * 6, [1] * 15 + [0]]).bool()  # (2, 16)
+    r4 = real[:, None, :, None].float()                                  # (B, 1, T, 1)
+
+    def run(scan):                                                       # real reads, state, gradients
+        rule = dict(delta=dict(decay=True), gated=dict(decay=1 - (1 - lam) * r4),
+                    hebbian=dict(decay=False, erase=False))[update]
+        read, S = scan(beta * r4, rule)                                  # padding writes nothing
+        ((read * r4).square().sum() + S.square().sum()).backward()
+        grads = [x.grad for x in (q, k, v, beta, s0, lam)]
+        for x in (q, k, v, beta, s0, lam):
+            x.grad = None
+        return read * r4, S, grads
+
+    want = run(lambda b, rule: delta_rule_scan(q, k, v, b, s0, 4, **rule))
+    got = run(lambda b, rule: scan_real_tokens(q, k, v, b, s0, real, 4, **rule))
+    assert_close("reads at real tokens", got[0], want[0], atol=1e-5)
+    assert_close("final state", got[1], want[1], atol=1e-5)
+    for name, a, c in zip(("q", "k", "v", "beta", "s0", "lam"), got[2], want[2]):
+        assert (a is None) == (c is None), name
+        if a is not None:
+            assert_close(f"d loss / d {name}", a, c, atol=1e-4)
 
 
 def test_scan_stays_float32_under_autocast():
