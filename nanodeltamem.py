@@ -697,10 +697,7 @@ class DeltaMemory(nn.Module):
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
             k, v, beta, keep = self.write_terms(x, n_windows, real)     # padding: β = 0, keep 1, a no-op
             self.mean_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
-            if mask is None:
-                read, S = delta_rule_scan(q, k, v, beta, S, **self._decay(scan, keep))
-            else:                                                        # the same, without the padding
-                read, S = scan_real_tokens(q, k, v, beta, S, mask.reshape(B, T), **self._decay(scan, keep))
+            read, S = scan_real_tokens(q, k, v, beta, S, real.reshape(B, T), **self._decay(scan, keep))  # padding skipped
         else:                                                            # SSW: every line writes once
             read, S = self._segment_write(h, q, S, n_windows, seg, scan)
         self.state = S
