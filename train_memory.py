@@ -67,7 +67,7 @@ DEFAULTS = dict(
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
     read_window_share=1.0,        # share of steps whose questions see the last read_window history tokens
                                   # (the others see none): 0.5 trains one memory for both read budgets
-    general_reg=1.0, general_len=64,  # + general_reg x LM loss of corpus text read with the episode's state
+    general_reg=1.0, general_len=128,  # + general_reg x LM loss of corpus text read with the episode's state
     state_margin=0.0,             # + state_margin x softplus(1 - (loss with another episode's state - own loss))
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
     bind_rivals="all",            # ... among all the episode's facts | same: only facts of the asked attribute
@@ -78,6 +78,8 @@ DEFAULTS = dict(
     max_questions=0,              # at most this many of an episode's questions per step, drawn at random (0: all)
     shared_share=0.5,             # share of training msqa episodes whose facts use only 2 attributes, so that
                                   # people share them and only the person tells the facts apart
+    absent_questions=1,           # + this many questions per training msqa episode about a person never mentioned,
+                                  # of an attribute the episode states (answer `unknown`: only the person tells)
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=25, eval_interval=100, val_episodes=64,  # progress line / validation and instruments
     diagnose=True,                # retention, key separation and read margin per layer in the progress line
@@ -205,7 +207,8 @@ def sample_episodes(rng, cfg, n, split="train"):
             continue
         if task == "msqa" and (cfg["dense_questions"] or cfg["shared_share"] > 0):
             attrs = 2 if cfg["shared_share"] > 0 and rng.random() < cfg["shared_share"] else 0  # 2: shared
-            out.append(tasks.make_msqa(rng, cfg["episode_preset"], split, dense=cfg["dense_questions"], attrs=attrs))
+            out.append(tasks.make_msqa(rng, cfg["episode_preset"], split, dense=cfg["dense_questions"], attrs=attrs,
+                                       absent=cfg["absent_questions"]))
             continue
         out.append(tasks.make_episode(rng, task=task, preset=cfg["episode_preset"], split=split))
     return out
@@ -1009,6 +1012,7 @@ def check_config(cfg):
         shared_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
         name_lr_scale=(lambda v: v > 0, "a number > 0, e.g. 0.1"),
         aux_share=(lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.5"), max_questions=whole(0),
+        absent_questions=whole(0),
         n_pairs=(lambda v: 0 <= v <= len(tasks.pools_for("train")["names"]), "0 or a number of pairs, e.g. 8"),
         max_pairs=(lambda v: v == 0 or 2 <= v <= len(tasks.pools_for("train")["names"]), "0 or a number >= 2, e.g. 32")))
     check_device(cfg["device"])

@@ -322,15 +322,16 @@ def make_shared(rng: np.random.Generator, n_people: int = 4, split: str = "iid",
 
 
 def make_msqa(rng: np.random.Generator, preset: str = "small", split: str = "train", return_log: bool = False,
-              dense: bool = False, attrs: int = 0):
+              dense: bool = False, attrs: int = 0, absent: int = 0):
     """One multi-session QA episode; with return_log also the generator's fact log (see parse_facts).
 
     dense: one question about every stated fact's current value (single_hop or update) and every relation
     (multi_hop), then the preset's usual mix and a fifth as many abstention questions again: more answer
     tokens per written history, for training. attrs: draw every fact from this many attributes (0: all
-    seven), so that people share attributes."""
+    seven), so that people share attributes. absent: this many more abstention questions that ask a person
+    never mentioned about an attribute the episode states, so that only the person says `unknown`."""
     cfg, pools = _msqa_config(preset, split), pools_for(split)
-    cfg.update(dense=dense, attrs=attrs)
+    cfg.update(dense=dense, attrs=attrs, absent=absent)
     for _ in range(100):  # rare retry: the required lines alone overflowed the character budget
         result = _try_msqa(rng, cfg, pools)
         if result is not None:
@@ -479,6 +480,9 @@ def _msqa_questions(rng, cfg, pools, chains, relations, log, people, absent) -> 
         families.append(list(MSQA_FAMILY_WEIGHTS)[int(rng.choice(len(weights), p=weights / weights.sum()))])
     if dense:                                                            # keep abstention's share near the mix's
         families += ["abstention"] * max(1, round(len(dense) * MSQA_FAMILY_WEIGHTS["abstention"]))
+    stated = sorted({a for (_, a) in chains})
+    for _ in range(cfg.get("absent", 0)):                                # only the person can say `unknown`
+        dense.append(Question(current(_pick(rng, stated), _pick(rng, absent)), UNKNOWN, "abstention"))
     out, texts = list(dense), {q.q for q in dense}
     for family in families:
         for _ in range(20):  # a few tries to avoid asking the same question twice

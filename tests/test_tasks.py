@@ -406,3 +406,27 @@ def test_msqa_attrs_makes_people_share_attributes():
         facts = [f for f in tasks.parse_facts(ep) if f[2] in tasks.ATTRIBUTES]
         assert len({f[2] for f in facts}) <= 2
         assert tasks.parse_gold(ep) == [q.a for q in ep.questions]
+
+
+def test_msqa_absent_asks_a_person_never_mentioned_about_a_stated_attribute():
+    pools = tasks.pools_for("train")
+    for seed in range(10):
+        ep = tasks.make_msqa(np.random.default_rng(seed), "small", "train", dense=True, attrs=2, absent=2)
+        facts = [f for f in tasks.parse_facts(ep) if f[2] in tasks.ATTRIBUTES]
+        said = " ".join(line for session in ep.sessions for line in session)
+        stated = {f[2] for f in facts}
+        strangers = []                                                   # questions about a never-said name
+        for q in ep.questions:
+            names = [n for n in pools["names"] if re.search(rf"\b{n}\b", q.q)]
+            if names and not any(re.search(rf"\b{n}\b", said) for n in names):
+                strangers.append(q)
+        current = pools["questions"]["current"]
+        about_stated = [q for q in strangers for n in pools["names"] for a in stated
+                        if any(t.format(p=n) == q.q for t in current[a])]
+        assert len(about_stated) >= 2                                    # the two extra ones at least
+        assert all(q.a == tasks.UNKNOWN and q.family == "abstention" for q in strangers)
+        assert tasks.parse_gold(ep) == [q.a for q in ep.questions]       # the parser re-derives them
+    # the history is drawn before the questions: absent changes the questions only
+    a = tasks.make_msqa(np.random.default_rng(5), "small", "train", dense=True, attrs=2)
+    b = tasks.make_msqa(np.random.default_rng(5), "small", "train", dense=True, attrs=2, absent=2)
+    assert a.sessions == b.sessions and len(b.questions) >= len(a.questions) + 1
