@@ -205,7 +205,7 @@ def sample_episodes(rng, cfg, n, split="train"):
         if task == "recall" and cfg["n_pairs"]:                          # a fixed number of pairs
             out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))
             continue
-        if task == "msqa" and (cfg["dense_questions"] or cfg["shared_share"] > 0):
+        if task == "msqa" and (cfg["dense_questions"] or cfg["shared_share"] > 0 or cfg["absent_questions"]):
             attrs = 2 if cfg["shared_share"] > 0 and rng.random() < cfg["shared_share"] else 0  # 2: shared
             out.append(tasks.make_msqa(rng, cfg["episode_preset"], split, dense=cfg["dense_questions"], attrs=attrs,
                                        absent=cfg["absent_questions"]))

@@ -81,7 +81,7 @@ ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0,
                "dense_questions": False, "context_reg": 0.0, "shared_share": 0.0,
                "aux_share": 1.0, "max_questions": 0, "query_conv": 1,
                "bind_rivals": "all", "max_pairs": 0, "name_dim": 0, "name_pool": 16, "name_lr_scale": 0.1,
-               "bind_tokens": 1}
+               "bind_tokens": 1, "absent_questions": 0}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs", "seed")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 # the state-size sweep: one memory per (d_k, rule), trained on recall episodes whose N is spread log-uniformly
@@ -212,7 +212,12 @@ def cell_name(cell):
         name += f"_n{cell['n_pairs']}"
     if cell["seed"] != DEFAULTS["seed"]:
         name += f"_s{cell['seed']}"
-    train = {k: v for k, v in sorted(cell.items()) if k not in NOT_TRAINING
+    inert = {}                        # a setting that changes nothing in this cell is hashed at its old default,
+    if cell["general_reg"] == 0:      # so that a new default does not rename finished cells it cannot touch
+        inert["general_len"] = 64
+    if cell["task"] == "recall":
+        inert["absent_questions"] = 0
+    train = {k: v for k, v in sorted({**cell, **inert}.items()) if k not in NOT_TRAINING
              and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return name + "_" + hashlib.sha1(json.dumps(train, default=str).encode()).hexdigest()[:6]
 

@@ -50,14 +50,21 @@ def test_cells_are_the_cartesian_product_of_the_comma_lists():
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--learning_rate=0.5"]))[0]["cell"] != a
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--eval_episodes=3"]))[0]["cell"] == a
     # a setting added to train_memory later must not rename finished cells (add it to AB.ADDED_LATER):
-    # the default cell's name since general_reg 1 (a new recipe, a new name); the binding recipe's and the
-    # old defaults, spelled out, keep the names they had since their commits
-    assert a == "dk8_r8_token_qo_gated_kc4_0a0963"
-    was = ["--key_dim=8", "--rank=8", "--warmup_iters=30", "--aux_share=1.0", "--general_reg=0.5"]
+    # the default cell's name since 564ca79's absent questions and 128 general tokens (a new recipe, a new
+    # name); the recipe before it, the binding recipe's and the old defaults, spelled out, keep their names
+    assert a == "dk8_r8_token_qo_gated_kc4_5a92cd"
+    before = ["--key_dim=8", "--rank=8", "--absent_questions=0", "--general_len=64"]
+    assert AB.make_cells(*AB.parse_args(before))[0]["cell"] == "dk8_r8_token_qo_gated_kc4_0a0963"
+    # a new default that cannot touch a cell does not rename it: the capacity sweep (recall, no general
+    # term) keeps the name the README's demo command reads
+    assert [c["cell"] for c in cap][-2] == "dk32_r8_token_qo_gated_kc4_907b61"
+    was = ["--key_dim=8", "--rank=8", "--warmup_iters=30", "--aux_share=1.0", "--general_reg=0.5", "--general_len=64",
+           "--absent_questions=0"]
     assert AB.make_cells(*AB.parse_args(was))[0]["cell"] == "dk8_r8_token_qo_gated_kc4_1176dc"
     old = ["--key_dim=8", "--rank=8", "--update=delta", "--key_conv=1", "--layers=all", "--learning_rate=1e-2",
            "--max_iters=120", "--bind_reg=0", "--dense_questions=False", "--context_reg=0", "--log_interval=20",
-           "--warmup_iters=30", "--aux_share=1.0", "--general_reg=0.5"]
+           "--warmup_iters=30", "--aux_share=1.0", "--general_reg=0.5", "--general_len=64",
+           "--absent_questions=0"]
     assert AB.make_cells(*AB.parse_args(old))[0]["cell"] == "dk8_r8_token_qo_delta_db902d"
     assert AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--read_window_share=0.5"]))[0]["cell"] != a
     kc = AB.make_cells(*AB.parse_args(["--key_dim=8", "--rank=8", "--key_conv=1,4"]))   # the key_conv axis
