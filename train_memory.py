@@ -343,7 +343,8 @@ def train_one(kind, name, gpt, enc, cfg, device):
     print(f"[{name}] training {t:,} parameters ({100 * t / (t + f):.2f}% of {t + f:,}); backbone frozen")
     corpus = CorpusRows(cfg["data_dir"]) if cfg["general_reg"] > 0 else None
     val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7),   # the same for every recipe
-                              dict(cfg, dense_questions=False, shared_share=0.0), cfg["val_episodes"], split="train")
+                              dict(cfg, dense_questions=False, shared_share=0.0, absent_questions=0),
+                              cfg["val_episodes"], split="train")
     vrng = np.random.default_rng(cfg["seed"] + 8)                        # train-side: 4 people, one attribute
     val_shared = [tasks.make_shared(vrng, 4, "train") for _ in range(cfg["val_episodes"] // 2)] \
         if cfg["task"] in ("msqa", "mix") else []
