@@ -56,9 +56,9 @@ DEFAULTS = dict(
     # the memory (nanodeltamem.MemoryConfig)
     # (the recipe that binds, README "What makes a memory bind": a decay gate of its own, keys of what ⊗ whom,
     # two middle layers, the binding term and a question per fact; --update=delta is the paper's rule)
-    key_dim=128, rank=32, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
+    key_dim=256, rank=32, heads=1, write="token", sides="qo", update="gated", gates="rowwise",
     layers="1,2", alpha=16.0, gate_bias=-1.5, init="paper", chunk_size=8, key_conv=4, query_conv=1, decay_bias=6.0,
-    name_dim=16, name_pool=16,    # > 0: keys are what (d_k / name_dim) ⊗ whom (name_dim), whom a content-weighted
+    name_dim=32, name_pool=16,    # > 0: keys are what (d_k / name_dim) ⊗ whom (name_dim), whom a content-weighted
                                   # mean of the last name_pool tokens (trained by the binding term alone); 0: d_k
                                   # of what alone (the keys before 2026-12-04: --key_dim=8 --name_dim=0)
     name_lr_scale=0.1,            # the whom part learns at this times the learning rate
