@@ -635,6 +635,11 @@ class DeltaMemory(nn.Module):
         """Unit read queries q̃ (B, H, T, d_k) of x (B, T, d), T = n_windows windows of equal length (the
         query convolution restarts in each). cache (decoding, one window): keeps the last K-1 A_q h_t, so a
         new token's query sees the tokens before it."""
+        return self.unit(*self.query_parts(x, n_windows, cache))
+
+    def query_parts(self, x, n_windows=1, cache=None):
+        """read_query's what part a (B, T, H·what_dim) and whom part c (B, T, H·n) or None, before tanh:
+        a caller that needs a few positions' queries can take them there, before the d_k-wide product."""
         a = self.A_q(x)                                                  # (B, T, H·what_dim)
         if self.query_conv is not None:
             past = cache.get("q_raw") if cache is not None else None     # (B, K-1, H·what_dim) or None
@@ -648,7 +653,16 @@ class DeltaMemory(nn.Module):
             c = c.detach()                                               # (B, T, H·n) trained apart
             if cache is not None:
                 cache["q_whom"] = tail
-        return self.unit(a, c)
+        return a, c
+
+    def key_parts(self, x, n_windows=1):
+        """The write keys' what part a (B, T, H·what_dim) and whom part c (B, T, H·n) or None, before tanh
+        (k̃ = unit(a, c)): a caller that needs a few positions' keys can take them there."""
+        a = self.A_k(x)                                                  # (B, T, H·what_dim)
+        if self.key_conv is not None:
+            a = causal_conv(a, self.key_conv, n_windows)[0]              # (B, T, H·what_dim)
+        c = self.whom(x, n_windows)[0].detach() if self.W_c is not None else None  # (B, T, H·n) trained apart
+        return a, c
 
     def write_terms(self, x, n_windows=1, real=None):
         """Write-side projections of x (B, T, d), T = n_windows windows of equal (padded) length: unit
@@ -659,11 +673,7 @@ class DeltaMemory(nn.Module):
         With key_conv = K > 1 the convolution restarts in every window (K-1 zeros before its first
         token), and padding only ever follows a window's real tokens: so a key depends on its own window
         alone, never on how much padding the other episodes of a batch gave the window before it."""
-        a = self.A_k(x)                                                  # (B, T, H·what_dim)
-        if self.key_conv is not None:
-            a = causal_conv(a, self.key_conv, n_windows)[0]              # (B, T, H·what_dim)
-        c = self.whom(x, n_windows)[0].detach() if self.W_c is not None else None  # (B, T, H·n) trained apart
-        k = self.unit(a, c)                                              # (B, H, T, d_k)
+        k = self.unit(*self.key_parts(x, n_windows))                     # (B, H, T, d_k)
         v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
         gate = lambda W: torch.sigmoid(self._heads(W(x), W.out_features // self.cfg.heads))  # (B, H, T, r|1)
         beta = gate(self.W_beta) if real is None else gate(self.W_beta) * real

@@ -337,6 +337,20 @@ def test_key_and_query_conv_are_causal_convolutions_of_their_projection(side):
         assert_close(f"{side}s[:, 0] {n_windows}", of(x, n_windows)[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
 
 
+def test_keys_and_queries_built_at_a_few_positions_equal_the_full_ones_there():
+    """unit(key_parts(x) at idx) is write_terms' keys at idx, to the bit (and the same for queries): the
+    binding term builds the d_k-wide keys only where it reads them."""
+    torch.manual_seed(0)
+    mem = DeltaMemory(16, MemoryConfig(key_dim=24, name_dim=4, rank=2, heads=2, key_conv=3, query_conv=2))
+    with torch.no_grad():
+        mem.W_s.weight.normal_()                                         # a whom pool that is not a plain mean
+    x, idx = torch.randn(2, 10, 16), torch.tensor([0, 3, 4, 9])
+    a, c = mem.key_parts(x, 2)                                           # (B, T, H·6), (B, T, H·4)
+    assert torch.equal(mem.unit(a[:, idx], c[:, idx]), mem.write_terms(x, 2)[0][:, :, idx])
+    a, c = mem.query_parts(x, 2)
+    assert torch.equal(mem.unit(a[:, idx], c[:, idx]), mem.read_query(x, 2)[:, :, idx])
+
+
 def test_causal_pool_is_a_score_weighted_mean_of_the_last_tokens_by_hand():
     """p_t = Σ_j e^{s_{t-j}} a_{t-j} / Σ_j e^{s_{t-j}} over the last P tokens of t's window, one score per
     group of channels; two calls with the first's tail equal one call."""

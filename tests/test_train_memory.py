@@ -382,10 +382,12 @@ def test_context_rows_are_the_episodes_own_document_shifted_by_one(enc):
 def keys_by_hand():
     """A model whose one memory's write keys and read queries are its layer inputs themselves."""
     class Mem(torch.nn.Module):
-        def write_terms(self, x, n_windows):
-            return (x[:, None],)                                         # (B, H=1, T, d_k)
-        def read_query(self, x, n_windows=1):
-            return x[:, None]
+        def key_parts(self, x, n_windows):
+            return x, None
+        def query_parts(self, x, n_windows=1):
+            return x, None
+        def unit(self, a, c=None):
+            return a[:, None]                                            # (B, H=1, T, d_k)
     model = torch.nn.Module()
     model.memories = torch.nn.ModuleDict({"0": Mem()})
     return model
@@ -409,10 +411,12 @@ def test_whom_term_has_only_other_peoples_facts_of_the_asked_attribute_as_rivals
     averaged with the full keys' term (rivals: every other slot)."""
     class Mem(torch.nn.Module):                                          # keys, queries and whom parts by hand
         W_c = True
-        def write_terms(self, x, n_windows):
-            return (F.normalize(x[..., :2], dim=-1)[:, None],)
-        def read_query(self, x, n_windows=1):
-            return F.normalize(x[..., :2], dim=-1)[:, None]
+        def key_parts(self, x, n_windows):
+            return x[..., :2], None
+        def query_parts(self, x, n_windows=1):
+            return x[..., :2], None
+        def unit(self, a, c=None):
+            return F.normalize(a, dim=-1)[:, None]
         def whom_unit(self, x, n_windows=1):
             return F.normalize(torch.tanh(x[..., 2:]), dim=-1)[:, None]
     model = torch.nn.Module()
