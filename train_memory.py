@@ -505,37 +505,45 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
         B, who = len(sites), getattr(mem, "W_c", None) is not None      # who: the keys have a whom part
         x_w = writes[i].reshape(B, -1, writes[i].size(-1))               # (B, T, d)
         x_r = reads[i].reshape(B, -1, reads[i].size(-1))                 # (B, Q·Lq, d)
-        k_parts = mem.key_parts(x_w, W)                                  # (B, T, ·): what, whom or None
-        q_parts = mem.query_parts(x_r, len(reads[i]) // B)               # (B, Q·Lq, ·)
-
-        def at_rows(parts, b, idx):                                      # unit keys or queries (H, len(idx), d_k)
-            a, c = parts                                                 # of episode b at idx only: the d_k-wide
-            return mem.unit(a[b:b + 1, idx], None if c is None else c[b:b + 1, idx])[0]  # product is built there
-        if who:                                                          # whom parts (B, H, ·, n), unit
-            k_who, q_who = mem.whom_unit(x_w, W), mem.whom_unit(x_r, len(reads[i]) // B)
-        for b, (pos, slots, rows, kinds, whose) in enumerate(sites):
+        n_r, dev = len(reads[i]) // B, x_w.device
+        groups, kb, kt, qb, qt = [], [], [], [], []                      # every episode's answer tokens: the
+        for b, (pos, _, rows, _, _) in enumerate(sites):                 # rows each reads, gathered at once
             for j in sorted({r[3] for r in rows}):                       # the answer's j-th token reads the
                 asked = [r for r in rows if r[3] == j]                   # value's j-th: facts' keys there
-                at = [p for _, p, _, _ in asked]
-                target = torch.tensor([a for _, _, a, _ in asked], device=x_w.device)
-                ks = at_rows(k_parts, b, (pos + j).to(x_w.device))       # (H, F, d_k) only the facts' keys
-                qs = at_rows(q_parts, b, torch.tensor(at, device=x_w.device))  # (H, A, d_k) and queries
-                logits = (qs @ ks.transpose(-1, -2)).mean(0) / tau      # (A, F)
-                same = slots[target.cpu()][:, None] == slots[None, :]    # (A, F) the asked slot's statements
-                same[torch.arange(len(target)), target] = False          # ... but the asked one itself
-                if same_kind:                                            # and facts of other attributes
-                    same |= kinds[target.cpu()][:, None] != kinds[None, :]
-                losses.append(F.cross_entropy(logits.masked_fill(same.to(x_w.device), float("-inf")), target))
-                if who:                                                  # whom: the asked fact among
-                    kw = k_who[b, :, (pos + j).to(x_w.device)]             # other people's of its attribute
-                    logits = (q_who[b, :, at] @ kw.transpose(-1, -2)).mean(0) / tau  # (A, F)
-                    t = target.cpu()
-                    rival = (whose[t][:, None] != whose[None, :]) & (kinds[t][:, None] == kinds[None, :])
-                    rival[torch.arange(len(t)), t] = True                # (A, F) the candidates
-                    some = rival.sum(-1) > 1                             # (A,) questions with a rival
-                    if some.any():
-                        logits = logits.masked_fill(~rival.to(x_w.device), float("-inf"))
-                        losses.append(F.cross_entropy(logits[some.to(x_w.device)], target[some.to(x_w.device)]))
+                groups.append((b, asked))
+                kb += [b] * len(pos); kt += (pos + j).tolist()
+                qb += [b] * len(asked); qt += [p for _, p, _, _ in asked]
+        kb, kt, qb, qt = (torch.tensor(v, device=dev) for v in (kb, kt, qb, qt))
+        a, c = mem.key_parts(x_w, W)                                     # (B, T, ·): what, whom or None; the
+        k_all = mem.unit(a[kb, kt][None], None if c is None else c[kb, kt][None])[0]  # d_k-wide keys (H, ΣF, d_k)
+        a, c = mem.query_parts(x_r, n_r)                                 # only where they are read
+        q_all = mem.unit(a[qb, qt][None], None if c is None else c[qb, qt][None])[0]  # (H, ΣA, d_k)
+        if who:                                                          # whom parts alone, unit (H, Σ·, n)
+            kw_all = mem.whom_unit(x_w, W)[kb, :, kt].transpose(0, 1)
+            qw_all = mem.whom_unit(x_r, n_r)[qb, :, qt].transpose(0, 1)
+        k0 = q0 = 0                                                      # where each group's rows start
+        for b, asked in groups:
+            pos, slots, _, kinds, whose = sites[b]
+            nf, na = len(pos), len(asked)
+            target = torch.tensor([a for _, _, a, _ in asked], device=dev)
+            ks, qs = k_all[:, k0:k0 + nf], q_all[:, q0:q0 + na]          # (H, F, d_k), (H, A, d_k)
+            logits = (qs @ ks.transpose(-1, -2)).mean(0) / tau          # (A, F)
+            same = slots[target.cpu()][:, None] == slots[None, :]        # (A, F) the asked slot's statements
+            same[torch.arange(len(target)), target] = False              # ... but the asked one itself
+            if same_kind:                                                # and facts of other attributes
+                same |= kinds[target.cpu()][:, None] != kinds[None, :]
+            losses.append(F.cross_entropy(logits.masked_fill(same.to(dev), float("-inf")), target))
+            if who:                                                      # whom: the asked fact among
+                kw, qw = kw_all[:, k0:k0 + nf], qw_all[:, q0:q0 + na]    # other people's of its attribute
+                logits = (qw @ kw.transpose(-1, -2)).mean(0) / tau      # (A, F)
+                t = target.cpu()
+                rival = (whose[t][:, None] != whose[None, :]) & (kinds[t][:, None] == kinds[None, :])
+                rival[torch.arange(len(t)), t] = True                    # (A, F) the candidates
+                some = rival.sum(-1) > 1                                 # (A,) questions with a rival
+                if some.any():
+                    logits = logits.masked_fill(~rival.to(dev), float("-inf"))
+                    losses.append(F.cross_entropy(logits[some.to(dev)], target[some.to(dev)]))
+            k0, q0 = k0 + nf, q0 + na
     return torch.stack(losses).mean() if losses else None
 
 
