@@ -631,15 +631,9 @@ class DeltaMemory(nn.Module):
         whom = torch.tanh(self._heads(c, self.cfg.name_dim))             # (B, H, T, n)
         return F.normalize((what[..., :, None] * whom[..., None, :]).flatten(-2), dim=-1)  # (B, H, T, d_k)
 
-    def read_query(self, x, n_windows=1, cache=None):
-        """Unit read queries q̃ (B, H, T, d_k) of x (B, T, d), T = n_windows windows of equal length (the
-        query convolution restarts in each). cache (decoding, one window): keeps the last K-1 A_q h_t, so a
-        new token's query sees the tokens before it."""
-        return self.unit(*self.query_parts(x, n_windows, cache))
-
     def query_parts(self, x, n_windows=1, cache=None):
-        """read_query's what part a (B, T, H·what_dim) and whom part c (B, T, H·n) or None, before tanh:
-        a caller that needs a few positions' queries can take them there, before the d_k-wide product."""
+        """The read queries' what part a (B, T, H·what_dim) and whom part c (B, T, H·n) or None, before tanh
+        (q̃ = unit(a, c)): a caller that needs a few positions' queries can take them there."""
         a = self.A_q(x)                                                  # (B, T, H·what_dim)
         if self.query_conv is not None:
             past = cache.get("q_raw") if cache is not None else None     # (B, K-1, H·what_dim) or None
@@ -654,6 +648,12 @@ class DeltaMemory(nn.Module):
             if cache is not None:
                 cache["q_whom"] = tail
         return a, c
+
+    def read_query(self, x, n_windows=1, cache=None):
+        """Unit read queries q̃ (B, H, T, d_k) of x (B, T, d), T = n_windows windows of equal length (the
+        query convolution restarts in each). cache (decoding, one window): keeps the last K-1 A_q h_t, so a
+        new token's query sees the tokens before it."""
+        return self.unit(*self.query_parts(x, n_windows, cache))         # (B, H, T, d_k)
 
     def key_parts(self, x, n_windows=1):
         """The write keys' what part a (B, T, H·what_dim) and whom part c (B, T, H·n) or None, before tanh

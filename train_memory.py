@@ -514,10 +514,12 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
                 kb += [b] * len(pos); kt += (pos + j).tolist()
                 qb += [b] * len(asked); qt += [p for _, p, _, _ in asked]
         kb, kt, qb, qt = (torch.tensor(v, device=dev) for v in (kb, kt, qb, qt))
-        a, c = mem.key_parts(x_w, W)                                     # (B, T, ·): what, whom or None; the
-        k_all = mem.unit(a[kb, kt][None], None if c is None else c[kb, kt][None])[0]  # d_k-wide keys (H, ΣF, d_k)
-        a, c = mem.query_parts(x_r, n_r)                                 # only where they are read
-        q_all = mem.unit(a[qb, qt][None], None if c is None else c[qb, qt][None])[0]  # (H, ΣA, d_k)
+
+        def unit_rows(parts, bi, ti):                                    # parts (B, T, ·): what, whom or None ->
+            a, c = parts                                                 # unit vectors (H, len(ti), d_k) at the
+            return mem.unit(a[bi, ti][None], None if c is None else c[bi, ti][None])[0]  # rows (bi, ti) only
+        k_all = unit_rows(mem.key_parts(x_w, W), kb, kt)                 # (H, ΣF, d_k)
+        q_all = unit_rows(mem.query_parts(x_r, n_r), qb, qt)             # (H, ΣA, d_k)
         if who:                                                          # whom parts alone, unit (H, Σ·, n)
             kw_all = mem.whom_unit(x_w, W)[kb, :, kt].transpose(0, 1)
             qw_all = mem.whom_unit(x_r, n_r)[qb, :, qt].transpose(0, 1)
