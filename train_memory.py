@@ -716,17 +716,26 @@ def fact_em(per_family):
     return float(np.mean(facts)) if facts else 0.0
 
 
+def is_stale(pred, q):
+    """Did the answer give an outdated value of the slot (q.stale)?"""
+    return normalize_answer(pred) in {normalize_answer(s) for s in q.stale}
+
+
 def score_condition(preds, episodes):
     qs = [q for ep in episodes for q in ep.questions]
     per_family = score(preds, [q.a for q in qs], [q.family for q in qs])
     macro = per_family.pop("macro")
-    stale = [normalize_answer(p) in {normalize_answer(s) for s in q.stale}    # answered an outdated value
-             for p, q in zip(preds, qs) if q.stale]
+    stale = [is_stale(p, q) for p, q in zip(preds, qs) if q.stale]
     unknown = [exact_match(p, tasks.UNKNOWN) for p, q in zip(preds, qs) if q.family != "abstention"]
+    later = [(p, q) for p, q, ep in zip(preds, qs, [ep for ep in episodes for _ in ep.questions])
+             if tasks.overwritten_later(ep, q)]                          # updates only an erase can keep
     return dict(fact_em=fact_em(per_family), macro_em=macro, per_family=per_family,
                 abstention=per_family.get("abstention"),                # `unknown` when nothing was said
                 unknown_on_facts=float(np.mean(unknown)) if unknown else None,  # `unknown` to a stated fact
-                stale_rate=float(np.mean(stale)) if stale else None, n_questions=len(qs))
+                stale_rate=float(np.mean(stale)) if stale else None, n_questions=len(qs),
+                updated_em=float(np.mean([exact_match(p, q.a) for p, q in later])) if later else None,
+                updated_stale=float(np.mean([is_stale(p, q) for p, q in later])) if later else None,
+                n_updated=len(later))
 
 
 def conditions(cfg, enc, gpt, memories):
@@ -755,8 +764,9 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
     conds = conditions(cfg, enc, gpt, memories)
     results, per_split = {}, {}
     qs = [q for ep in all_eps for q in ep.questions]
-    outcomes = dict(family=[q.family for q in qs], correct={},          # per question: for the intervals
-                    episode=[e for e, ep in enumerate(all_eps) for _ in ep.questions])
+    outcomes = dict(family=[q.family for q in qs], correct={}, stale={},  # per question: for the intervals
+                    episode=[e for e, ep in enumerate(all_eps) for _ in ep.questions],
+                    updated=[tasks.overwritten_later(ep, q) for ep in all_eps for q in ep.questions])
     t0 = time.time()
     print(f"evaluating {len(conds)} conditions on {len(all_eps)} held-out episodes "
           f"({len(qs)} questions; splits: {', '.join(episodes_by_split)})")
@@ -766,6 +776,7 @@ def evaluate(cfg, enc, gpt, memories, device, episodes_by_split=None):
         params = model.param_counts()[0] if model is not None else 0
         results[name] = dict(res, history_tokens_in_context=hist_tokens, trainable_params=params)
         outcomes["correct"][name] = [exact_match(p, q.a) for p, q in zip(preds, qs)]
+        outcomes["stale"][name] = [is_stale(p, q) for p, q in zip(preds, qs)]
         i = 0
         for split, eps in episodes_by_split.items():
             nq = sum(len(e.questions) for e in eps)
@@ -904,6 +915,24 @@ def ratios(results, dm_name, budget, outcomes=None):
             pairs[f"vs_best_non_deltamem_at_{budget}"] = (w, sorted(nonw))
     if outcomes is not None:
         out["ci90"] = ratio_intervals(outcomes, pairs)
+        out.update(overwrite_ratios(outcomes, dm_name))
+    return out
+
+
+def overwrite_ratios(outcomes, dm_name, baseline="hebbian"):
+    """Where the delta rule should win: on the updates only an erase can keep (tasks.overwritten_later),
+    δ-mem / hebbian on EM and on the stale rate (an older value answered; lower is better), each with its
+    90% bootstrap interval over the episodes. {} without such questions or a hebbian memory."""
+    keep = np.flatnonzero(outcomes.get("updated", []))
+    if not len(keep) or baseline not in outcomes["correct"] or dm_name not in outcomes["correct"]:
+        return {}
+    out = {}
+    for key, per_question in (("updates_vs_hebbian", outcomes["correct"]), ("stale_vs_hebbian", outcomes["stale"])):
+        sub = dict(family=["update"] * len(keep), episode=np.asarray(outcomes["episode"])[keep],
+                   correct={c: np.asarray(per_question[c], dtype=float)[keep] for c in (dm_name, baseline)})
+        num, den = sub["correct"][dm_name].mean(), sub["correct"][baseline].mean()
+        out[key] = float(num / den) if den > 0 else None
+        out.setdefault("ci90_overwrites", {})[key] = ratio_intervals(sub, {key: (dm_name, [baseline])})[key]
     return out
 
 
@@ -937,6 +966,16 @@ def write_results(cfg, results, per_split, general, dm_name, extra=None, outcome
         md += (f"- general validation loss: backbone {general['backbone']:.4f}, with memory attached after an "
                f"unrelated write {general['with_memory']:.4f} "
                f"({100 * (general['with_memory'] / general['backbone'] - 1):+.2f}%)\n")
+    n_upd = next(iter(results.values())).get("n_updated")
+    if n_upd:                                                            # where the delta rule should win
+        md += (f"\nUpdates across sessions ({n_upd} questions whose latest value was said in a later session than "
+               f"every older one: only a memory that erases holds the latest; stale = an older value answered):\n\n"
+               "| condition | EM | stale rate |\n|---|---|---|\n"
+               + "".join(f"| {n} | {v['updated_em']:.2f} | {v['updated_stale']:.2f} |\n" for n, v in results.items()))
+        if r.get("updates_vs_hebbian") is not None:
+            iv = lambda key: "–".join(f"{v:.2f}x" for v in r["ci90_overwrites"][key]) if r["ci90_overwrites"][key] else "n/a"
+            md += (f"\n- δ-mem / hebbian (the same recipe): EM {x(r['updates_vs_hebbian'])} (90% bootstrap interval "
+                   f"{iv('updates_vs_hebbian')}), stale rate {x(r['stale_vs_hebbian'])} ({iv('stale_vs_hebbian')})\n")
     md += "\nfact EM per held-out split:\n\n| condition | " + " | ".join(per_split) + " |\n|---|" + \
           "---|" * len(per_split) + "\n"
     for name in results:

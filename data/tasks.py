@@ -726,6 +726,22 @@ def parse_facts(ep: Episode) -> list[tuple[int, str, str, str]]:
     return facts
 
 
+def overwritten_later(ep: Episode, q: Question) -> bool:
+    """Is q about a slot whose latest value was stated in a later session than every older value of it?
+    Then attention, one session at a time, never sees the old value beside the new one: only a memory
+    that erases can answer. (Every overwrites question is; msqa update questions often are.) The main job
+    and dev/ablate.py's overwrite experiment score these questions apart."""
+    if not q.stale:
+        return False
+    facts = parse_facts(ep)
+    latest = [(s, subj, slot) for s, subj, slot, v in facts if v == q.a]
+    for s, subj, slot in latest[::-1]:
+        older = [t for t, subj2, slot2, v in facts if (subj2, slot2) == (subj, slot) and v in q.stale]
+        if older:
+            return s > max(older)
+    return False
+
+
 def line_facts(line: str, task: str = "msqa") -> list[tuple[str, str, str]]:
     """What one history line states, as (subject, slot, value) triples: none, one, or (recall) several."""
     if task == "recall":

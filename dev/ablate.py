@@ -268,22 +268,6 @@ def done_key(row):
 # train and score one cell; the sweep
 # ----------------------------------------------------------------------------------------------
 
-def overwritten_later(ep, q):
-    """Is q about a slot whose latest value was stated in a later session than every older value of it?
-    Then attention, one session at a time, never sees the old value beside the new one: only a memory
-    that erases can answer. (Every overwrites question is; msqa update questions often are.) The overwrite
-    experiment scores these questions only."""
-    if not q.stale:
-        return False
-    facts = tasks.parse_facts(ep)
-    latest = [(s, subj, slot) for s, subj, slot, v in facts if v == q.a]
-    for s, subj, slot in latest[::-1]:
-        older = [t for t, subj2, slot2, v in facts if (subj2, slot2) == (subj, slot) and v in q.stale]
-        if older:
-            return s > max(older)
-    return False
-
-
 def eval_cell(cfg, enc, gpt, model, device):
     """Exact match at 0 history tokens in context (the memory only), on the held-out splits asked for.
     Episodes are drawn as train_memory.evaluate draws them (seed 10000 + split index)."""
@@ -296,12 +280,9 @@ def eval_cell(cfg, enc, gpt, model, device):
     res = TM.score_condition(preds, episodes)
     gold = [q.a for ep in episodes for q in ep.questions]
     acc = float(np.mean([exact_match(p, g) for p, g in zip(preds, gold)]))
-    later = [(p, q) for p, (ep, q) in zip(preds, [(ep, q) for ep in episodes for q in ep.questions])
-             if overwritten_later(ep, q)]                                # the slots only an erase can answer
-    upd = TM.score_condition([p for p, _ in later], [tasks.Episode([], [q for _, q in later])]) if later else {}
     return dict(fact_em=res["fact_em"], macro_em=res["macro_em"], acc=acc, n_questions=res["n_questions"],
-                stale_rate=res["stale_rate"], updated_em=upd.get("macro_em"), updated_stale=upd.get("stale_rate"),
-                n_updated=len(later), **{f"em_{f}": v for f, v in res["per_family"].items()})
+                stale_rate=res["stale_rate"], updated_em=res["updated_em"], updated_stale=res["updated_stale"],
+                n_updated=res["n_updated"], **{f"em_{f}": v for f, v in res["per_family"].items()})
 
 
 def sweep(cells, enc, gpt, device, csv_path):

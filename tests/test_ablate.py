@@ -405,13 +405,13 @@ def test_overwritten_later_by_hand():
                                   tasks.Question("Where does Bob live?", "Cairo", "single_hop")])
     facts = tasks.parse_facts(ep)
     assert [f[3] for f in facts] == ["Lisbon", "Paris", "Oslo", "Rome", "Cairo"], facts  # the templates parse
-    assert [AB.overwritten_later(ep, q) for q in ep.questions] == [True, False, False]  # Rome: same session
+    assert [tasks.overwritten_later(ep, q) for q in ep.questions] == [True, False, False]  # Rome: same session
 
 
 def test_every_overwrites_question_counts_in_the_overwrite_score():
     for seed in range(30):                                               # each new value one session later
         ep = tasks.make_overwrites(np.random.default_rng(seed), n_pairs=int(2 + seed % 7))
-        assert ep.questions and all(AB.overwritten_later(ep, q) for q in ep.questions)
+        assert ep.questions and all(tasks.overwritten_later(ep, q) for q in ep.questions)
 
 
 def test_stale_rate_by_hand():

@@ -110,6 +110,44 @@ def test_ratio_intervals_bracket_the_ratio_and_collapse_for_equal_conditions():
     assert same["vs_best_non_deltamem"] == [1.0, 1.0]                    # δ-mem = the best baseline in every resample
 
 
+def test_overwrite_ratios_count_only_the_updates_across_sessions():
+    """δ-mem / hebbian on EM and on the stale rate, over the questions marked `updated` alone."""
+    episode = np.repeat(np.arange(6), 2)                                 # 6 episodes x 2 questions
+    updated = np.array([1, 0] * 6, dtype=bool)                           # the first question of each is one
+    dm = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 1, 0], dtype=bool)      # on the updates: 4 of 6 right
+    hb = np.array([1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1], dtype=bool)      # 2 of 6 (and every other question)
+    dm_stale = np.array([0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1], dtype=bool)  # 1 of 6 on the updates
+    hb_stale = np.array([0, 0, 1, 0, 1, 0, 1, 0, 0, 0, 1, 0], dtype=bool)  # 4 of 6
+    out = dict(episode=episode, family=["update"] * 12, updated=updated,
+               correct=dict(deltamem=dm, hebbian=hb), stale=dict(deltamem=dm_stale, hebbian=hb_stale))
+    r = TM.overwrite_ratios(out, "deltamem")
+    assert r["updates_vs_hebbian"] == pytest.approx(4 / 2) and r["stale_vs_hebbian"] == pytest.approx(1 / 4)
+    lo, hi = r["ci90_overwrites"]["updates_vs_hebbian"] or (None, None)
+    assert lo is None or lo <= 2 <= hi                                   # None: hebbian scored 0 in a resample
+    assert TM.overwrite_ratios(dict(out, updated=~updated), "deltamem")["updates_vs_hebbian"] == pytest.approx(1 / 6)
+    assert TM.overwrite_ratios(dict(out, updated=np.zeros(12, bool)), "deltamem") == {}  # no such question
+    assert TM.overwrite_ratios(dict(out, correct=dict(deltamem=dm)), "deltamem") == {}   # no hebbian memory
+
+
+def test_score_condition_scores_the_updates_across_sessions_apart():
+    """updated_em / updated_stale: only the updates whose older value sits in an earlier session."""
+    ep = tasks.Episode(sessions=[["Session 1 (Day 2)", "Mia: Alice lives in Lisbon.", "Mia: Bob lives in Paris."],
+                                 ["Session 2 (Day 5)", "Mia: Alice moved again, this time to Oslo.",
+                                  "Mia: Bob moved again, this time to Rome.",
+                                  "Mia: Bob left town and now lives in Cairo."],
+                                 ["Session 3 (Day 9)", "Mia: Carol lives in Lima.", "Mia: Carol moved again, this "
+                                  "time to Quito."]],
+                       questions=[tasks.Question("Where does Alice live now?", "Oslo", "update", stale=["Lisbon"]),
+                                  tasks.Question("Where does Bob live now?", "Cairo", "update", stale=["Paris", "Rome"]),
+                                  tasks.Question("Where does Carol live now?", "Quito", "update", stale=["Lima"])])
+    assert [tasks.overwritten_later(ep, q) for q in ep.questions] == [True, False, False]
+    r = TM.score_condition(["Lisbon", "Cairo", "Quito"], [ep])          # the one counted: a stale answer
+    assert (r["n_updated"], r["updated_em"], r["updated_stale"]) == (1, 0.0, 1.0)
+    r = TM.score_condition(["Oslo", "Rome", "Lima"], [ep])
+    assert (r["n_updated"], r["updated_em"], r["updated_stale"]) == (1, 1.0, 0.0)
+    assert r["stale_rate"] == pytest.approx(2 / 3)                       # over every question with an older value
+
+
 @pytest.mark.parametrize("share,want", [(1.0, [64] * 8), (0.0, [0] * 8), (0.5, [0, 64] * 4),
                                         (0.25, [0, 0, 0, 64] * 2)])
 def test_read_window_share_spreads_the_window_over_the_steps(share, want):
