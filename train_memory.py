@@ -80,6 +80,8 @@ DEFAULTS = dict(
                                   # people share them and only the person tells the facts apart
     absent_questions=1,           # + this many questions per training msqa episode about a person never mentioned,
                                   # of an attribute the episode states (answer `unknown`: only the person tells)
+    novel_values=0.0,             # share of training msqa episodes whose values are made-up words (tasks.novel_values):
+                                  # the value path must copy a word's tokens, not learn a code for the pools' words
     compile=False,                # torch.compile the training step (checkpoints never hold its wrapper)
     log_interval=25, eval_interval=100, val_episodes=64,  # progress line / validation and instruments
     diagnose=True,                # retention, key separation and read margin per layer in the progress line
@@ -205,10 +207,12 @@ def sample_episodes(rng, cfg, n, split="train"):
         if task == "recall" and cfg["n_pairs"]:                          # a fixed number of pairs
             out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))
             continue
-        if task == "msqa" and (cfg["dense_questions"] or cfg["shared_share"] > 0 or cfg["absent_questions"]):
+        if task == "msqa" and (cfg["dense_questions"] or cfg["shared_share"] > 0 or cfg["absent_questions"]
+                               or cfg.get("novel_values", 0) > 0):
             attrs = 2 if cfg["shared_share"] > 0 and rng.random() < cfg["shared_share"] else 0  # 2: shared
+            novel = cfg.get("novel_values", 0) > 0 and rng.random() < cfg["novel_values"]
             out.append(tasks.make_msqa(rng, cfg["episode_preset"], split, dense=cfg["dense_questions"], attrs=attrs,
-                                       absent=cfg["absent_questions"]))
+                                       absent=cfg["absent_questions"], values=tasks.novel_values(rng) if novel else None))
             continue
         out.append(tasks.make_episode(rng, task=task, preset=cfg["episode_preset"], split=split))
     return out
@@ -343,11 +347,14 @@ def train_one(kind, name, gpt, enc, cfg, device):
     print(f"[{name}] training {t:,} parameters ({100 * t / (t + f):.2f}% of {t + f:,}); backbone frozen")
     corpus = CorpusRows(cfg["data_dir"]) if cfg["general_reg"] > 0 else None
     val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7),   # the same for every recipe
-                              dict(cfg, dense_questions=False, shared_share=0.0, absent_questions=0),
+                              dict(cfg, dense_questions=False, shared_share=0.0, absent_questions=0, novel_values=0.0),
                               cfg["val_episodes"], split="train")
     vrng = np.random.default_rng(cfg["seed"] + 8)                        # train-side: 4 people, one attribute
     val_shared = [tasks.make_shared(vrng, 4, "train") for _ in range(cfg["val_episodes"] // 2)] \
         if cfg["task"] in ("msqa", "mix") else []
+    nrng, nouns = np.random.default_rng(cfg["seed"] + 9), tasks.noun_values()  # train-side words never an msqa value
+    val_new = [tasks.make_msqa(nrng, cfg["episode_preset"], "train", values=nouns)
+               for _ in range(cfg["val_episodes"] // 2)] if cfg["task"] in ("msqa", "mix") else []
 
     def save(it):
         save_memory(model, path, optimizer=opt.state_dict(), iter_num=it, history=history,
@@ -376,13 +383,15 @@ def train_one(kind, name, gpt, enc, cfg, device):
     def evaluate(it):                                                    # train-side validation, the instruments
         acc, abst = answer_accuracy(model, enc, val_eps, cfg, device)
         shared = answer_accuracy(model, enc, val_shared, cfg, device)[0] if val_shared else None
+        new = answer_accuracy(model, enc, val_new, cfg, device)[0] if val_new else None
         diag = diagnose(model, enc, val_eps + val_shared, device) if cfg["diagnose"] and kind != "lora" else {}
         by_name = f" | shared N=4 {shared:.2f} (chance 0.25)" if shared is not None else ""
+        by_name += f" | new words {new:.2f}" if new is not None else ""
         print(f"[{name}]   val fact acc {acc:.2f} abstention {abst:.2f}{by_name}", flush=True)
         if diag:
             print(f"[{name}]   {diagnosis_line(diag)}", flush=True)
         history.append(dict(iter=it, train=losses.get(it), val_acc=acc, val_abstention=abst,
-                            val_shared_acc=shared, diagnostics=diag))
+                            val_shared_acc=shared, val_new_acc=new, diagnostics=diag))
         save(it)
 
     t0 = time.time()
@@ -1065,6 +1074,7 @@ def check_config(cfg):
         general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1),
         read_window_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
         shared_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
+        novel_values=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
         name_lr_scale=(lambda v: v > 0, "a number > 0, e.g. 0.1"),
         aux_share=(lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.5"), max_questions=whole(0),
         absent_questions=whole(0),

@@ -277,6 +277,46 @@ def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"  # value pools avoid "u" words read as "you"
 
 
+# Made-up value words ("tovarin", "Belumos"): training episodes that use them cannot be answered by a code
+# for the pools' few hundred words, only by copying whatever tokens the value has. Never a pool word.
+ONSETS = "b c d f g h k l m n p r s t v z br st tr".split()
+VOWELS = "a e i o u a e i o u ea ou".split()
+CODAS = ["", "", "", "", "n", "r", "s", "l", "m", "t"]
+_POOL_WORDS = {w.lower() for w in NAMES + NOUNS + RELATIONS + [UNKNOWN]} | {
+    w.lower() for ws in VALUES.values() for w in ws}
+
+
+def novel_word(rng: np.random.Generator) -> str:
+    """One made-up word of 2-3 syllables, lowercase."""
+    while True:
+        w = "".join(_pick(rng, ONSETS) + _pick(rng, VOWELS) + _pick(rng, CODAS)
+                    for _ in range(2 + int(rng.random() < 0.3)))
+        if 4 <= len(w) <= 12 and w not in _POOL_WORDS:
+            return w
+
+
+def novel_values(rng: np.random.Generator, n: int = 12) -> dict:
+    """n made-up words per attribute (cities capitalised, all distinct): a value pool for make_msqa."""
+    seen, out = set(), {}
+    for attr in ATTRIBUTES:
+        words = []
+        while len(words) < n:
+            w = novel_word(rng)
+            if w not in seen:
+                seen.add(w)
+                words.append(w.capitalize() if attr == "city" else w)
+        out[attr] = words
+    return out
+
+
+def noun_values(split: str = "train") -> dict:
+    """The split's recall nouns dealt out to the attributes: value words that no msqa episode of the split uses
+    (train-side, a validation of how well a memory carries words it was never trained to write)."""
+    nouns = pools_for(split)["nouns"]
+    k = len(nouns) // len(ATTRIBUTES)
+    return {attr: nouns[i * k:(i + 1) * k] for i, attr in enumerate(ATTRIBUTES)}
+
+
 # --------------------------------------------------------------------------------------------------------
 # --- Multi-session QA (task="msqa") ---
 # --------------------------------------------------------------------------------------------------------
@@ -305,32 +345,37 @@ def _msqa_config(preset: str, split: str) -> dict:
 SHARED_N = (2, 4, 8)  # the same-attribute splits: N people, one attribute, chance 1/N
 
 
-def make_shared(rng: np.random.Generator, n_people: int = 4, split: str = "iid", return_log: bool = False):
+def make_shared(rng: np.random.Generator, n_people: int = 4, split: str = "iid", return_log: bool = False,
+                values: dict | None = None):
     """N people who all share one attribute ("Alice lives in Paris.", "Bob lives in Rome.", ...), in 3
     msqa sessions (fewer when N < 3) with chit-chat and distractors; one question per person and one
     about a person never mentioned ("unknown"). The question's attribute alone picks a stated value at
-    chance 1/N: only a lookup by the person beats it."""
+    chance 1/N: only a lookup by the person beats it. values: as in make_msqa."""
     if not 1 <= n_people <= 16:
         raise ValueError(f"n_people={n_people} must be between 1 and 16")
     cfg = dict(sessions=min(3, n_people), people=n_people, facts=n_people, updated=0, chain=(1, 1), relations=0,
                questions=n_people + 1, chars=280 + 30 * n_people, attrs=1, shared=True)
+    pools = pools_for(split) if values is None else dict(pools_for(split), values=values)
     for _ in range(100):
-        result = _try_msqa(rng, cfg, pools_for(split))
+        result = _try_msqa(rng, cfg, pools)
         if result is not None:
             return result if return_log else result[0]
     raise RuntimeError(f"{n_people} shared facts do not fit into {cfg['chars']} characters")
 
 
 def make_msqa(rng: np.random.Generator, preset: str = "small", split: str = "train", return_log: bool = False,
-              dense: bool = False, attrs: int = 0, absent: int = 0):
+              dense: bool = False, attrs: int = 0, absent: int = 0, values: dict | None = None):
     """One multi-session QA episode; with return_log also the generator's fact log (see parse_facts).
 
     dense: one question about every stated fact's current value (single_hop or update) and every relation
     (multi_hop), then the preset's usual mix and a fifth as many abstention questions again: more answer
     tokens per written history, for training. attrs: draw every fact from this many attributes (0: all
     seven), so that people share attributes. absent: this many more abstention questions that ask a person
-    never mentioned about an attribute the episode states, so that only the person says `unknown`."""
+    never mentioned about an attribute the episode states, so that only the person says `unknown`.
+    values: {attribute: words} in place of the split's value pools (e.g. `novel_values`)."""
     cfg, pools = _msqa_config(preset, split), pools_for(split)
+    if values is not None:
+        pools = dict(pools, values=values)
     cfg.update(dense=dense, attrs=attrs, absent=absent)
     for _ in range(100):  # rare retry: the required lines alone overflowed the character budget
         result = _try_msqa(rng, cfg, pools)

@@ -5,6 +5,7 @@ Binding by name, two instruments: can the backbone, and can a memory key, find a
     python dev/lookup.py --backbone=CKPT --n_people=2 --conv=1,4,8 --layers=1,2
     python dev/lookup.py --conv=8 --fit_batch=64 --fit_steps=300 --fit_lr=3e-2   # as a training run would fit them
     python dev/lookup.py --memory=out/memory_deltamem.pt   # 3. only: a trained memory's reads (~20 s)
+    python dev/lookup.py --memory=out/memory_deltamem.pt --values=nouns   # ... of words it never wrote
 
 Both use episodes where N people share one attribute (data/tasks.make_shared: "Alice lives in Paris.",
 "Bob lives in Rome.", ... then "Where does Alice live?"), so the attribute's type alone finds the
@@ -27,6 +28,9 @@ asked fact at chance 1/N.
                fact's write key above the other people's (top-1, chance 1/N; with --name_dim also its whom
                part alone), and the first answer token, teacher-forced: the asked person's value, a rival's
                (the attribute alone gives 1/N and 1 - 1/N), or neither; and each answer token's accuracy.
+               --values=nouns | made_up: the values are words no training episode wrote as a value (the
+               train-side recall nouns, or tasks.novel_values): does the read still find the fact, and
+               which answer token is lost?
 """
 import os
 import sys
@@ -46,7 +50,8 @@ from data.config import UserError, parse_config  # noqa: E402
 from data.prepare import load_tokenizer  # noqa: E402
 
 DEFAULTS = dict(backbone="out/backbone.pt", data_dir="data/pydoc", n_people=4, episodes=40, fit_episodes=300,
-                conv="1,4,8", layers="1,2", key_dim=8, fit_steps=600, fit_lr=1e-2, fit_batch=0, seed=0, memory="")
+                conv="1,4,8", layers="1,2", key_dim=8, fit_steps=600, fit_lr=1e-2, fit_batch=0, seed=0, memory="",
+                values="pool")
 
 
 class Attention:
@@ -185,9 +190,12 @@ def fit_keys(train, test, key_dim, steps, seed, tau=0.1, lr=1e-2, batch=0):
 def memory_lookup(model, enc, episodes):
     """A trained memory's reads on episodes written into it one at a time: per layer, the top-1 of the full
     query and of its whom part (None without one) over the episode's facts; the first answer token's
-    (asked, rival, neither) shares; and each of the first 4 answer tokens' accuracy, teacher-forced."""
+    (asked, rival, neither) shares; each of the first 4 answer tokens' accuracy, teacher-forced; and the
+    first token's accuracy apart for first tokens that some training value starts with and for the rest."""
     model.eval()
     top, top_whom, first, per_token = {i: [] for i in model.memories}, {i: [] for i in model.memories}, [], {}
+    trained = {enc.encode_ordinary(" " + v)[0] for vs in tasks.pools_for("train")["values"].values() for v in vs}
+    by_seen = {True: [], False: []}                                      # first token right, by "seen in training"
     for ep in episodes:
         batch = tasks.collate_episodes(enc, [ep], model.gpt.config.block_size, enc.eot_token)
         pos, _, asked, _, _ = TM.binding_sites(enc, [ep], batch, model.gpt.config.block_size)[0]
@@ -215,11 +223,13 @@ def memory_lookup(model, enc, episodes):
                 at_answer = (y[j] != IGNORE_INDEX).nonzero().flatten()[:-1]  # the answer's tokens, not "\n"
                 pred = int(logits[j, at_answer[0]].argmax())
                 first.append(0 if pred == firsts[q.a] else 1 if pred in firsts.values() else 2)
+                by_seen[firsts[q.a] in trained].append(int(pred == firsts[q.a]))
                 for n, t in enumerate(at_answer.tolist()[:4]):           # each token, the ones before it given
                     per_token.setdefault(n, []).append(int(logits[j, t].argmax() == y[j, t]))
     mean = lambda xs: float(np.mean(xs)) if xs else None
     shares = np.bincount(first, minlength=3) / max(len(first), 1)
-    return {i: (mean(top[i]), mean(top_whom[i])) for i in top}, shares, [mean(per_token[n]) for n in sorted(per_token)]
+    return ({i: (mean(top[i]), mean(top_whom[i])) for i in top}, shares, [mean(per_token[n]) for n in sorted(per_token)],
+            {k: (mean(v), len(v)) for k, v in by_seen.items()})
 
 
 def main(argv=None):
@@ -230,6 +240,8 @@ def main(argv=None):
         raise UserError("--n_people must be in 2..16 and --conv a list of whole numbers >= 1, e.g. --conv=1,4,8")
     if not (cfg["fit_lr"] > 0 and cfg["fit_steps"] >= 1 and cfg["fit_batch"] >= 0):
         raise UserError("--fit_lr must be > 0, --fit_steps >= 1 and --fit_batch >= 0 (0: every question each step)")
+    if cfg["values"] not in ("pool", "nouns", "made_up"):
+        raise UserError(f"--values={cfg['values']!r} is not valid; choose pool, nouns or made_up")
     if not os.path.exists(cfg["backbone"]):
         raise UserError(f"backbone {cfg['backbone']} not found: train one with `python train_backbone.py`")
     model = load_backbone(cfg["backbone"])[0].eval()
@@ -237,14 +249,17 @@ def main(argv=None):
         raise UserError(f"--layers={cfg['layers']}: this backbone has layers 0..{len(model.blocks) - 1}")
     enc = load_tokenizer(cfg["data_dir"])
     rng = np.random.default_rng(cfg["seed"])
-    held_out = [tasks.make_shared(rng, n, split="train") for _ in range(cfg["episodes"])]  # train-side: never tune on held-out
+    words = lambda: (None if cfg["values"] == "pool" else tasks.noun_values() if cfg["values"] == "nouns"
+                     else tasks.novel_values(rng))
+    held_out = [tasks.make_shared(rng, n, split="train", values=words())  # train-side: never tune on held-out
+                for _ in range(cfg["episodes"])]
     if cfg["memory"]:
         if not os.path.exists(cfg["memory"]):
             raise UserError(f"memory {cfg['memory']} not found: train one with `python train_memory.py`")
         mem = load_memory(cfg["memory"], model)[0]
-        tops, (a, r, other), per_token = memory_lookup(mem, enc, held_out)
+        tops, (a, r, other), per_token, by_seen = memory_lookup(mem, enc, held_out)
         print(f"3. the memory {cfg['memory']} on {cfg['episodes']} train-side episodes, N = {n} people share one "
-              f"attribute, 0 history tokens (chance {1 / n:.2f})")
+              f"attribute, values: {cfg['values']}, 0 history tokens (chance {1 / n:.2f})")
         for i, (full, whom) in tops.items():
             print(f"  layer {i}: the read query picks the asked fact's key {full:.2f}"
                   + (f", its whom part alone {whom:.2f}" if whom is not None else ""))
@@ -252,6 +267,9 @@ def main(argv=None):
               f"(the attribute alone: {1 / n:.2f}, {1 - 1 / n:.2f}, 0)")
         print(f"  answer tokens 1-{len(per_token)}, each given the ones before it: "
               + " ".join(f"{x:.2f}" for x in per_token))
+        fmt = lambda acc_n: "none" if acc_n[0] is None else f"{acc_n[0]:.2f} ({acc_n[1]} answers)"
+        print(f"  first token right when some training value starts with it: {fmt(by_seen[True])}; "
+              f"when none does: {fmt(by_seen[False])}")
         return
 
     print(f"1. attention at the answer slot, history in context, N = {n} people share one attribute "

@@ -63,6 +63,7 @@ def test_key_fit_binds_a_name_only_a_conv_that_reaches_it_sees(batch, steps):
 
 @pytest.mark.parametrize("flag,says", [("--n_people=1", "--n_people"), ("--conv=0,4", "--conv"),
                                        ("--fit_lr=0", "--fit_lr"), ("--fit_batch=-1", "--fit_batch"),
+                                       ("--values=cities", "--values"),
                                        ("--seed=0", "not found")])
 def test_bad_input_stops_with_a_one_line_error_before_any_work(flag, says, tmp_path):
     from data.config import UserError

@@ -430,3 +430,50 @@ def test_msqa_absent_asks_a_person_never_mentioned_about_a_stated_attribute():
     a = tasks.make_msqa(np.random.default_rng(5), "small", "train", dense=True, attrs=2)
     b = tasks.make_msqa(np.random.default_rng(5), "small", "train", dense=True, attrs=2, absent=2)
     assert a.sessions == b.sessions and len(b.questions) >= len(a.questions) + 1
+
+
+def test_novel_values_are_made_up_distinct_and_never_a_pool_word():
+    pool_words = {w.lower() for w in NAMES + NOUNS + tasks.RELATIONS + [tasks.UNKNOWN]}
+    pool_words |= {w.lower() for ws in VALUES.values() for w in ws}
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        v = tasks.novel_values(rng)
+        words = [w for ws in v.values() for w in ws]
+        assert set(v) == set(ATTRIBUTES) and len(words) == len(set(words)) == 12 * len(ATTRIBUTES)
+        assert not {w.lower() for w in words} & pool_words
+        assert all(re.fullmatch(r"[a-z]{4,12}", w.lower()) for w in words)
+        assert all(w[0].isupper() for w in v["city"]) and all(w.islower() for w in v["job"])
+
+
+@pytest.mark.parametrize("values", ["novel", "nouns"])
+def test_msqa_with_other_values_states_only_them_and_the_parser_rederives_every_answer(values):
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        pool = tasks.novel_values(rng) if values == "novel" else tasks.noun_values()
+        ep = tasks.make_msqa(rng, "small", "train", dense=True, attrs=2, absent=1, values=pool)
+        said = {f[3] for f in tasks.parse_facts(ep) if f[2] in ATTRIBUTES}
+        assert said and all(v in pool[a] for _, _, a, v in
+                            [f for f in tasks.parse_facts(ep) if f[2] in ATTRIBUTES])
+        assert tasks.parse_gold(ep) == [q.a for q in ep.questions]
+        answers = {q.a for q in ep.questions} - {tasks.UNKNOWN} - {str(i) for i in range(1, 10)}
+        assert answers <= said
+
+
+def test_noun_values_are_train_side_nouns_never_an_msqa_value():
+    nv = tasks.noun_values()
+    words = [w for ws in nv.values() for w in ws]
+    assert len(words) == len(set(words)) and set(words) <= set(POOLS["train"]["nouns"])
+    assert not set(words) & {w for ws in VALUES.values() for w in ws}
+    assert min(len(ws) for ws in nv.values()) >= 4                       # room for a chain of distinct values
+
+
+def test_shared_episodes_with_other_values_still_share_one_attribute_and_parse():
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        ep = tasks.make_shared(rng, 4, "train", values=tasks.noun_values())
+        facts = [f for f in parse_facts(ep) if f[2] in ATTRIBUTES]
+        assert len({f[2] for f in facts}) == 1 and all(f[3] in tasks.noun_values()[f[2]] for f in facts)
+        assert parse_gold(ep) == [q.a for q in ep.questions]
+    a = tasks.make_shared(np.random.default_rng(3), 4, "train")          # values=None: the split's own pools
+    b = tasks.make_shared(np.random.default_rng(3), 4, "train", values=None)
+    assert a == b
