@@ -208,11 +208,12 @@ def sample_episodes(rng, cfg, n, split="train"):
             out.append(tasks.make_recall(rng, cfg["episode_preset"], split, n_pairs=cfg["n_pairs"]))
             continue
         if task == "msqa" and (cfg["dense_questions"] or cfg["shared_share"] > 0 or cfg["absent_questions"]
-                               or cfg.get("novel_values", 0) > 0):
+                               or cfg["novel_values"] > 0):
             attrs = 2 if cfg["shared_share"] > 0 and rng.random() < cfg["shared_share"] else 0  # 2: shared
-            novel = cfg.get("novel_values", 0) > 0 and rng.random() < cfg["novel_values"]
+            novel = cfg["novel_values"] > 0 and rng.random() < cfg["novel_values"]
             out.append(tasks.make_msqa(rng, cfg["episode_preset"], split, dense=cfg["dense_questions"], attrs=attrs,
-                                       absent=cfg["absent_questions"], values=tasks.novel_values(rng) if novel else None))
+                                       absent=cfg["absent_questions"],
+                                       values=tasks.novel_values(rng) if novel else None))
             continue
         out.append(tasks.make_episode(rng, task=task, preset=cfg["episode_preset"], split=split))
     return out
@@ -349,12 +350,12 @@ def train_one(kind, name, gpt, enc, cfg, device):
     val_eps = sample_episodes(np.random.default_rng(cfg["seed"] + 7),   # the same for every recipe
                               dict(cfg, dense_questions=False, shared_share=0.0, absent_questions=0, novel_values=0.0),
                               cfg["val_episodes"], split="train")
-    vrng = np.random.default_rng(cfg["seed"] + 8)                        # train-side: 4 people, one attribute
-    val_shared = [tasks.make_shared(vrng, 4, "train") for _ in range(cfg["val_episodes"] // 2)] \
-        if cfg["task"] in ("msqa", "mix") else []
-    nrng, nouns = np.random.default_rng(cfg["seed"] + 9), tasks.noun_values()  # train-side words never an msqa value
-    val_new = [tasks.make_msqa(nrng, cfg["episode_preset"], "train", values=nouns)
-               for _ in range(cfg["val_episodes"] // 2)] if cfg["task"] in ("msqa", "mix") else []
+    val_shared, val_new = [], []
+    if cfg["task"] in ("msqa", "mix"):
+        vrng, nrng = np.random.default_rng(cfg["seed"] + 8), np.random.default_rng(cfg["seed"] + 9)
+        n = cfg["val_episodes"] // 2                                     # 4 people who share an attribute, and
+        val_shared = [tasks.make_shared(vrng, 4, "train") for _ in range(n)]  # values never written in training
+        val_new = [tasks.make_msqa(nrng, cfg["episode_preset"], "train", values=tasks.noun_values()) for _ in range(n)]
 
     def save(it):
         save_memory(model, path, optimizer=opt.state_dict(), iter_num=it, history=history,

@@ -260,13 +260,17 @@ def _check_name(kind: str, name: str, valid: list[str]) -> None:
         raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(valid)}")
 
 
-def pools_for(split: str) -> dict:
-    """The pools and templates a split draws from (see SPLITS)."""
+def pools_for(split: str, values: dict | None = None) -> dict:
+    """The pools and templates a split draws from (see SPLITS); values: {attribute: words} in place of its
+    value pools (e.g. `novel_values`, `noun_values`)."""
     _check_name("split", split, SPLITS)
     if split == "pretrain":  # the backbone should know every word and phrasing, so both sides
-        return _union(POOLS["train"], POOLS["heldout"])
-    axes = list(AXES) if split == "all" else ([split] if split in AXES else [])
-    return {key: POOLS["heldout" if any(key in AXES[ax] for ax in axes) else "train"][key] for key in POOLS["train"]}
+        pools = _union(POOLS["train"], POOLS["heldout"])
+    else:
+        axes = list(AXES) if split == "all" else ([split] if split in AXES else [])
+        pools = {key: POOLS["heldout" if any(key in AXES[ax] for ax in axes) else "train"][key]
+                 for key in POOLS["train"]}
+    return pools if values is None else dict(pools, values=values)
 
 
 def _pick(rng: np.random.Generator, items):
@@ -350,12 +354,12 @@ def make_shared(rng: np.random.Generator, n_people: int = 4, split: str = "iid",
     """N people who all share one attribute ("Alice lives in Paris.", "Bob lives in Rome.", ...), in 3
     msqa sessions (fewer when N < 3) with chit-chat and distractors; one question per person and one
     about a person never mentioned ("unknown"). The question's attribute alone picks a stated value at
-    chance 1/N: only a lookup by the person beats it. values: as in make_msqa."""
+    chance 1/N: only a lookup by the person beats it. values: as in pools_for."""
     if not 1 <= n_people <= 16:
         raise ValueError(f"n_people={n_people} must be between 1 and 16")
     cfg = dict(sessions=min(3, n_people), people=n_people, facts=n_people, updated=0, chain=(1, 1), relations=0,
                questions=n_people + 1, chars=280 + 30 * n_people, attrs=1, shared=True)
-    pools = pools_for(split) if values is None else dict(pools_for(split), values=values)
+    pools = pools_for(split, values)
     for _ in range(100):
         result = _try_msqa(rng, cfg, pools)
         if result is not None:
@@ -372,10 +376,8 @@ def make_msqa(rng: np.random.Generator, preset: str = "small", split: str = "tra
     tokens per written history, for training. attrs: draw every fact from this many attributes (0: all
     seven), so that people share attributes. absent: this many more abstention questions that ask a person
     never mentioned about an attribute the episode states, so that only the person says `unknown`.
-    values: {attribute: words} in place of the split's value pools (e.g. `novel_values`)."""
-    cfg, pools = _msqa_config(preset, split), pools_for(split)
-    if values is not None:
-        pools = dict(pools, values=values)
+    values: {attribute: words} in place of the split's value pools (pools_for)."""
+    cfg, pools = _msqa_config(preset, split), pools_for(split, values)
     cfg.update(dense=dense, attrs=attrs, absent=absent)
     for _ in range(100):  # rare retry: the required lines alone overflowed the character budget
         result = _try_msqa(rng, cfg, pools)
