@@ -15,7 +15,8 @@ An episode is a history (dated chat sessions) plus questions. A training step, p
   3. the loss (episode_loss; the weights are DEFAULTS'):
        cross-entropy on the answer tokens
      + bind_reg 1.0 x binding_loss: at each answer's first bind_tokens 2 tokens, an InfoNCE over the
-       episode's facts picks the asked fact's write key at the same token of its value
+       episode's facts picks the asked fact's write key at the same token of its value; its whom part
+       also has a "nobody" slot (bind_null 0.5) that a person never named must pick
      + context_reg 0.5 x the LM loss of the episode's own history (+ 2 answers) read with its state
      + general_reg 1.0 x the LM loss of corpus text read with the state: stay quiet off-topic
        (these two on an aux_share 0.5 of the steps: the step's most costly tokens after the questions)
@@ -72,6 +73,8 @@ DEFAULTS = dict(
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
     bind_rivals="all",            # ... among all the episode's facts | same: only facts of the asked attribute
     bind_tokens=2,                # ... at the answer's first 1 or 2 tokens (the second reads the value's second)
+    bind_null=0.5,                # > 0: the whom part's softmax gains a "nobody" slot scored bind_null: a person
+                                  # never named must pick it, the asked person's fact must beat it (0: off)
     context_reg=0.5,              # + context_reg x LM loss of the episode's own history read with its state
     aux_share=0.5,                # share of steps that add the context and general terms (spread evenly)
     dense_questions=True,         # training msqa episodes ask about every stated fact (reads are cheap)
@@ -245,7 +248,7 @@ def episode_loss(model, batch, cfg, device, general=None, sites=None, context=No
         reads = dict(seen)                                               # (B·Q, Lq, d)
     if sites is not None and cfg["bind_reg"] > 0:
         bind = binding_loss(model, writes, reads, sites, batch["hist"].size(1), qx.size(1),
-                            same_kind=cfg["bind_rivals"] == "same")
+                            same_kind=cfg["bind_rivals"] == "same", null=cfg["bind_null"])
         if bind is not None:
             loss = loss + cfg["bind_reg"] * bind
     if cfg["state_margin"] > 0 and model.memory_state():                 # the official trainer's state anchor:
@@ -383,16 +386,16 @@ def train_one(kind, name, gpt, enc, cfg, device):
 
     def evaluate(it):                                                    # train-side validation, the instruments
         acc, abst = answer_accuracy(model, enc, val_eps, cfg, device)
-        shared = answer_accuracy(model, enc, val_shared, cfg, device)[0] if val_shared else None
+        shared, unknown = answer_accuracy(model, enc, val_shared, cfg, device) if val_shared else (None, None)
         new = answer_accuracy(model, enc, val_new, cfg, device)[0] if val_new else None
         diag = diagnose(model, enc, val_eps + val_shared, device) if cfg["diagnose"] and kind != "lora" else {}
-        by_name = f" | shared N=4 {shared:.2f} (chance 0.25)" if shared is not None else ""
+        by_name = f" | shared N=4 {shared:.2f} (chance 0.25) unknown {unknown:.2f}" if shared is not None else ""
         by_name += f" | new words {new:.2f}" if new is not None else ""
         print(f"[{name}]   val fact acc {acc:.2f} abstention {abst:.2f}{by_name}", flush=True)
         if diag:
             print(f"[{name}]   {diagnosis_line(diag)}", flush=True)
         history.append(dict(iter=it, train=losses.get(it), val_acc=acc, val_abstention=abst,
-                            val_shared_acc=shared, val_new_acc=new, diagnostics=diag))
+                            val_shared_acc=shared, val_shared_unknown=unknown, val_new_acc=new, diagnostics=diag))
         save(it)
 
     t0 = time.time()
@@ -479,10 +482,11 @@ class LayerInputs:
 
 def binding_sites(enc, episodes, batch, block_size, tokens=1):
     """Per episode: stream positions (F,) of its facts' value tokens, their slot ids (F,), [(question,
-    read position, asked fact, j)] for the questions whose answer is a stated fact, their kind ids (F,) and
-    person ids (F,) (fact_sites, in the batch's padded layout). j < tokens is which answer token reads
-    (0: the answer slot reads the value's first token; 1: the answer's first token reads its second, for
-    values of two tokens or more)."""
+    read position, asked fact, j)] for the questions whose answer is a stated fact, their kind ids (F,),
+    person ids (F,) (fact_sites, in the batch's padded layout) and the answer slots' read positions of the
+    questions about a person the history never names (tasks.absent_person). j < tokens is which answer
+    token reads (0: the answer slot reads the value's first token; 1: the answer's first token reads its
+    second, for values of two tokens or more)."""
     W, L = batch["hist"].shape[1:]
     Lq = batch["qx"].size(-1)
     answer_at = (batch["qy"] != IGNORE_INDEX).float().argmax(-1)        # (B, Q) the last prompt token
@@ -492,12 +496,14 @@ def binding_sites(enc, episodes, batch, block_size, tokens=1):
         pos = torch.tensor([w * L + o for w, o, _ in sites], dtype=torch.long)
         reads = [(q, q * Lq + int(answer_at[b, q]) + j, a, j) for j in range(tokens)
                  for q, a in enumerate(asked) if a is not None and sites[a][2] > j]
+        absent = [q * Lq + int(answer_at[b, q]) for q, x in enumerate(ep.questions) if tasks.absent_person(ep, x)]
         out.append((pos, torch.tensor(slots, dtype=torch.long), reads if len(set(slots)) > 1 else [],
-                    torch.tensor(kinds, dtype=torch.long), torch.tensor(whose, dtype=torch.long)))
+                    torch.tensor(kinds, dtype=torch.long), torch.tensor(whose, dtype=torch.long),
+                    absent if len(pos) else []))
     return out
 
 
-def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
+def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False, null=0.0):
     """Key-query matching, trained directly: at each answer token that binding_sites names (the j-th), a
     softmax over the episode's facts of q̃·k̃ / tau must pick the asked fact's write key at its value's j-th
     token (an InfoNCE term; the rest of the memory is untouched).
@@ -507,6 +513,9 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
     a term of its own, trained by nothing else: the same softmax with only other people's facts of the
     asked attribute as rivals, so that nothing but the person can win it (with the person's facts of
     other attributes as positives, a code of "not this attribute" would win it without the name).
+    null > 0: the whom softmax gains a slot of its own with the fixed score null / tau, a person the history
+    never names must pick it against every stated fact (nothing stored is about them), and the asked
+    person's fact must beat it: whom·whom' of two people must stay below null, of one person above it.
     writes / reads: LayerInputs of the write and read passes; sites: binding_sites."""
     losses = []
     for i, mem in model.memories.items():
@@ -516,14 +525,16 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
         x_w = writes[i].reshape(B, -1, writes[i].size(-1))               # (B, T, d)
         x_r = reads[i].reshape(B, -1, reads[i].size(-1))                 # (B, Q·Lq, d)
         n_r, dev = len(reads[i]) // B, x_w.device
-        groups, kb, kt, qb, qt = [], [], [], [], []                      # every episode's answer tokens: the
-        for b, (pos, _, rows, _, _) in enumerate(sites):                 # rows each reads, gathered at once
+        groups, kb, kt, qb, qt, ab, at = [], [], [], [], [], [], []      # every episode's answer tokens: the
+        for b, (pos, _, rows, _, _, absent) in enumerate(sites):         # rows each reads, gathered at once
             for j in sorted({r[3] for r in rows}):                       # the answer's j-th token reads the
                 asked = [r for r in rows if r[3] == j]                   # value's j-th: facts' keys there
-                groups.append((b, asked))
+                nobody = absent if j == 0 and null > 0 else []           # answer slots of people never named
+                groups.append((b, asked, len(nobody)))
                 kb += [b] * len(pos); kt += (pos + j).tolist()
                 qb += [b] * len(asked); qt += [p for _, p, _, _ in asked]
-        kb, kt, qb, qt = (torch.tensor(v, device=dev) for v in (kb, kt, qb, qt))
+                ab += [b] * len(nobody); at += nobody
+        kb, kt, qb, qt, ab, at = (torch.tensor(v, dtype=torch.long, device=dev) for v in (kb, kt, qb, qt, ab, at))
 
         def unit_rows(parts, bi, ti):                                    # parts (B, T, ·): what, whom or None ->
             a, c = parts                                                 # unit vectors (H, len(ti), d_k) at the
@@ -532,10 +543,11 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
         q_all = unit_rows(mem.query_parts(x_r, n_r), qb, qt)             # (H, ΣA, d_k)
         if who:                                                          # whom parts alone, unit (H, Σ·, n)
             kw_all = mem.whom_unit(x_w, W)[kb, :, kt].transpose(0, 1)
-            qw_all = mem.whom_unit(x_r, n_r)[qb, :, qt].transpose(0, 1)
-        k0 = q0 = 0                                                      # where each group's rows start
-        for b, asked in groups:
-            pos, slots, _, kinds, whose = sites[b]
+            qw_r = mem.whom_unit(x_r, n_r)                               # (B, H, Q·Lq, n)
+            qw_all, aw_all = qw_r[qb, :, qt].transpose(0, 1), qw_r[ab, :, at].transpose(0, 1)
+        k0 = q0 = a0 = 0                                                 # where each group's rows start
+        for b, asked, n_absent in groups:
+            pos, slots, _, kinds, whose, _ = sites[b]
             nf, na = len(pos), len(asked)
             target = torch.tensor([a for _, _, a, _ in asked], device=dev)
             ks, qs = k_all[:, k0:k0 + nf], q_all[:, q0:q0 + na]          # (H, F, d_k), (H, A, d_k)
@@ -552,10 +564,19 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False):
                 rival = (whose[t][:, None] != whose[None, :]) & (kinds[t][:, None] == kinds[None, :])
                 rival[torch.arange(len(t)), t] = True                    # (A, F) the candidates
                 some = rival.sum(-1) > 1                                 # (A,) questions with a rival
+                if null > 0:                                             # + the null slot, every question's rival
+                    logits = torch.cat([logits, logits.new_full((na, 1), null / tau)], 1)  # (A, F + 1)
+                    rival = torch.cat([rival, torch.ones(na, 1, dtype=torch.bool)], 1)
+                    some = torch.ones(na, dtype=torch.bool)
                 if some.any():
                     logits = logits.masked_fill(~rival.to(dev), float("-inf"))
                     losses.append(F.cross_entropy(logits[some.to(dev)], target[some.to(dev)]))
-            k0, q0 = k0 + nf, q0 + na
+                if n_absent:                                             # a person never named: the null slot
+                    aw = aw_all[:, a0:a0 + n_absent]                     # against every stated fact
+                    logits = (aw @ kw.transpose(-1, -2)).mean(0) / tau  # (N, F)
+                    logits = torch.cat([logits, logits.new_full((n_absent, 1), null / tau)], 1)  # (N, F + 1)
+                    losses.append(F.cross_entropy(logits, torch.full((n_absent,), nf, device=dev)))
+            k0, q0, a0 = k0 + nf, q0 + na, a0 + n_absent
     return torch.stack(losses).mean() if losses else None
 
 
@@ -603,6 +624,8 @@ def diagnose(model, enc, episodes, device):
                   > 0 when the read finds the asked fact first;
       same_sep, same_margin   the same two with only rivals of the asked fact's attribute (other people):
                   what is left once the attribute's type earns nothing. By name, same_margin > 0.
+      nobody      max cos(q at the answer, k of any stated fact) for a person the history never names:
+                  how much of someone else's value the read returns where the answer is `unknown`.
     """
     model.eval()
     batch = tasks.collate_episodes(enc, episodes, model.gpt.config.block_size, enc.eot_token)
@@ -621,8 +644,8 @@ def diagnose(model, enc, episodes, device):
     for i, mem in model.memories.items():
         k, _, _, keep = mem.write_terms(writes[i].reshape(B, W * L, -1), W)  # (B, H, T, d_k), (B, H, T, r|1)
         q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)), len(reads[i]) // B)  # (B, H, Q·Lq, d_k)
-        ret, sep, margin, same_sep, same_margin = [], [], [], [], []
-        for b, (pos, slots, asked, kinds, _) in enumerate(sites):
+        ret, sep, margin, same_sep, same_margin, nobody = [], [], [], [], [], []
+        for b, (pos, slots, asked, kinds, _, absent) in enumerate(sites):
             if len(pos) == 0:
                 continue
             pos = pos.to(device)
@@ -631,11 +654,12 @@ def diagnose(model, enc, episodes, device):
             same_sep.append(key_separation(k[b, :, pos], slots, kinds))
             margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a) for _, at, a, _ in asked]
             same_margin += [read_margin(q[b, :, at], k[b, :, pos], slots, a, kinds) for _, at, a, _ in asked]
+            nobody += [(k[b, :, pos] @ q[b, :, at, :, None])[..., 0].mean(0).max() for at in absent]
         given = lambda xs: [x.item() for x in xs if x is not None]      # None: an episode without such rivals
         mean = lambda xs: float(np.mean(given(xs))) if given(xs) else None
         out[i] = dict(retention_mean=float(np.mean(ret)) if ret else None,
                       retention_min=float(np.min(ret)) if ret else None, key_sep=mean(sep), margin=mean(margin),
-                      same_sep=mean(same_sep), same_margin=mean(same_margin))
+                      same_sep=mean(same_sep), same_margin=mean(same_margin), nobody=mean(nobody))
     model.train()
     return out
 
@@ -645,7 +669,7 @@ def diagnosis_line(diag):
     f = lambda v: "–" if v is None else f"{v:.2f}"
     return " ".join(f"L{i}[ret {f(d['retention_mean'])}/{f(d['retention_min'])} sep {f(d['key_sep'])} "
                     f"margin {f(d['margin'])} | same attribute: sep {f(d.get('same_sep'))} "
-                    f"margin {f(d.get('same_margin'))}]" for i, d in diag.items())
+                    f"margin {f(d.get('same_margin'))} | nobody {f(d.get('nobody'))}]" for i, d in diag.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1061,6 +1085,8 @@ def check_config(cfg):
         raise UserError(f"--task={cfg['task']!r} is not valid; choose one of msqa, recall, overwrites, mix")
     if cfg["bind_rivals"] not in ("all", "same"):
         raise UserError(f"--bind_rivals={cfg['bind_rivals']!r} is not valid; choose all or same")
+    if not 0 <= cfg["bind_null"] < 1:
+        raise UserError(f"--bind_null={cfg['bind_null']!r} is out of range: use 0 (off) or a cosine in (0, 1)")
     if cfg["bind_tokens"] not in (1, 2) or isinstance(cfg["bind_tokens"], bool):
         raise UserError(f"--bind_tokens={cfg['bind_tokens']!r} is not valid; choose 1 or 2")
     if cfg["episode_preset"] not in tasks.PRESETS:

@@ -834,6 +834,15 @@ def _answer(question: str, state: dict, task: str) -> str:
     return str(chain[values.index(v)][1]) if v in values else UNKNOWN  # kind == "session"
 
 
+def absent_person(ep: Episode, q: Question) -> bool:
+    """True when q asks about a person the episode's history never names (its answer can only be `unknown`,
+    and only the person's name tells it apart from the stated people's questions)."""
+    found = {m.group("p") for regex, _, _ in _QUESTIONS if (m := regex.fullmatch(q.q)) is not None}
+    if ep.task != "msqa" or len(found) != 1 or "'s " in next(iter(found)):
+        return False
+    return re.search(rf"\b{re.escape(found.pop())}\b", render_history(ep)) is None
+
+
 def parse_gold(ep: Episode) -> list[str]:
     """Every question's answer, re-derived from the session lines and question strings alone."""
     state = {}

@@ -198,7 +198,7 @@ def memory_lookup(model, enc, episodes):
     by_seen = {True: [], False: []}                                      # first token right, by "seen in training"
     for ep in episodes:
         batch = tasks.collate_episodes(enc, [ep], model.gpt.config.block_size, enc.eot_token)
-        pos, _, asked, _, _ = TM.binding_sites(enc, [ep], batch, model.gpt.config.block_size)[0]
+        pos, _, asked, _, _, _ = TM.binding_sites(enc, [ep], batch, model.gpt.config.block_size)[0]
         if not asked:
             continue
         model.reset_memory()

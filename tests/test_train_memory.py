@@ -369,7 +369,7 @@ def test_binding_sites_second_tokens_read_the_values_second_token(enc):
     batch = tasks.collate_episodes(enc, eps, 256, enc.eot_token)
     hist, qy, Lq = batch["hist"].flatten(1), batch["qy"].flatten(1), batch["qy"].size(-1)  # (B, W·L), (B, Q·Lq)
     seen = set()
-    for b, (pos, _, rows, _, _) in enumerate(TM.binding_sites(enc, eps, batch, 256, tokens=2)):
+    for b, (pos, _, rows, _, _, _) in enumerate(TM.binding_sites(enc, eps, batch, 256, tokens=2)):
         n = [s[2] for s in TM.fact_sites(enc, eps[b], 256)[0]]
         assert {(q, a) for q, _, a, j in rows if j == 1} == {(q, a) for q, _, a, j in rows if j == 0 and n[a] > 1}
         for q, p, a, j in rows:
@@ -438,16 +438,15 @@ def test_binding_term_leaves_the_asked_slots_older_statements_out():
     k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])               # (F, d_k)
     writes = {"0": k[None]}                                              # (B=1, T=3, d_k): facts at tokens 0..2
     reads = {"0": torch.tensor([[[0.0, 1.0]]])}                          # the query at read position 0
-    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2, 0)], torch.zeros(3), torch.zeros(3))]  # asks fact 2,
+    sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2, 0)], torch.zeros(3), torch.zeros(3), [])]  # asks fact 2,
     got = TM.binding_loss(model, writes, reads, sites, 1, 1, tau=0.5).item()                  # the latest of slot 1
     assert got == pytest.approx(float(-torch.log_softmax(torch.tensor([0.0, 2.0]), 0)[1]))
 
 
-def test_whom_term_has_only_other_peoples_facts_of_the_asked_attribute_as_rivals():
-    """Facts: A's city, B's city, A's job, C's job; the question asks A's city. The whom term is a softmax
-    over A's city and B's city only (C's job: another attribute; A's job: the same person), by hand,
-    averaged with the full keys' term (rivals: every other slot)."""
-    class Mem(torch.nn.Module):                                          # keys, queries and whom parts by hand
+def whom_by_hand():
+    """A model whose one memory's keys and queries are the first two input channels (the what part, unit)
+    and whose whom parts are tanh of the rest (unit): x = (what, what, whom, whom)."""
+    class Mem(torch.nn.Module):
         W_c = True
         def key_parts(self, x, n_windows):
             return x[..., :2], None
@@ -459,14 +458,56 @@ def test_whom_term_has_only_other_peoples_facts_of_the_asked_attribute_as_rivals
             return F.normalize(torch.tanh(x[..., 2:]), dim=-1)[:, None]
     model = torch.nn.Module()
     model.memories = torch.nn.ModuleDict({"0": Mem()})
+    return model
+
+
+def test_whom_term_has_only_other_peoples_facts_of_the_asked_attribute_as_rivals():
+    """Facts: A's city, B's city, A's job, C's job; the question asks A's city. The whom term is a softmax
+    over A's city and B's city only (C's job: another attribute; A's job: the same person), by hand,
+    averaged with the full keys' term (rivals: every other slot)."""
+    model = whom_by_hand()
     big = 20.0                                                           # tanh(±20) = ±1: whom parts (1, 0), (0, 1)
     k = torch.tensor([[1, 0, big, 0], [1, 0, 0, big], [0, 1, big, 0], [0, 1, -big, -big]])  # (F, 2 + 2)
     q = torch.tensor([[[1.0, 0.0, big, -big]]])                          # what: city; whom: (1, -1) / √2
-    sites = [(torch.arange(4), torch.arange(4), [(0, 0, 0, 0)], torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 2]))]
+    sites = [(torch.arange(4), torch.arange(4), [(0, 0, 0, 0)], torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 2]), [])]
     got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()
     full = -torch.log_softmax(torch.tensor([1.0, 1.0, 0.0, 0.0]) / 0.5, 0)[0]  # q·k of the four facts
     whom = -torch.log_softmax(torch.tensor([1.0, -1.0]) / 2 ** 0.5 / 0.5, 0)[0]   # A's city vs B's city
     assert got == pytest.approx(float((full + whom) / 2), rel=1e-5)
+
+
+def test_whom_null_slot_by_hand():
+    """bind_null = 0.5: facts A's city and B's city (whom (1, 0) and (0, 1)); the asked question's whom is A's,
+    a second one's is nobody's ((-1, -1) / √2). Terms by hand: the full keys' softmax, the whom softmax with
+    the null slot as one more rival (A's fact must beat 0.5), and the absent one's softmax that must pick it."""
+    model = whom_by_hand()
+    big = 20.0
+    k = torch.tensor([[1, 0, big, 0], [1, 0, 0, big]])                    # (F = 2, 2 + 2)
+    q = torch.tensor([[[1.0, 0, big, 0], [1.0, 0, -big, -big]]])          # read positions 0 (A) and 1 (nobody)
+    sites = [(torch.arange(2), torch.arange(2), [(0, 0, 0, 0)], torch.tensor([0, 0]), torch.tensor([0, 1]), [1])]
+    got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5, null=0.5).item()
+    full = -torch.log_softmax(torch.tensor([1.0, 1.0]) / 0.5, 0)[0]
+    whom = -torch.log_softmax(torch.tensor([1.0, 0.0, 0.5]) / 0.5, 0)[0]
+    nobody = -torch.log_softmax(torch.tensor([-0.5 ** 0.5, -0.5 ** 0.5, 0.5]) / 0.5, 0)[2]
+    assert got == pytest.approx(float((full + whom + nobody) / 3), rel=1e-5)
+    off = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()   # null = 0: as before
+    assert off == pytest.approx(float((full - torch.log_softmax(torch.tensor([1.0, 0.0]) / 0.5, 0)[0]) / 2), rel=1e-5)
+
+
+def test_absent_person_is_exactly_the_person_the_history_never_names():
+    for seed in range(10):                                               # shared: one such question per episode
+        ep = tasks.make_shared(np.random.default_rng(seed), 4, "train")
+        flagged = [q for q in ep.questions if tasks.absent_person(ep, q)]
+        assert len(flagged) == 1 and flagged[0].a == "unknown"
+        stated = {p for _, p, _, _ in tasks.parse_facts(ep)}
+        assert all(any(p in q.q.replace("?", " ").replace("'s", " ").split() for p in stated)
+                   for q in ep.questions if q is not flagged[0])
+    for seed in range(20):                                               # msqa: never for a named person
+        ep = tasks.make_msqa(np.random.default_rng(seed), "small", "train", dense=True, absent=1)
+        flagged = [q for q in ep.questions if tasks.absent_person(ep, q)]
+        assert flagged and all(q.a == "unknown" for q in flagged)
+        stated = {p for _, p, _, _ in tasks.parse_facts(ep)}
+        assert not any(p in q.q.replace("?", " ").replace("'s", " ").split() for q in flagged for p in stated)
 
 
 def test_binding_term_reads_the_second_answer_token_at_the_values_second_token():
@@ -476,7 +517,7 @@ def test_binding_term_reads_the_second_answer_token_at_the_values_second_token()
     model = keys_by_hand()
     k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0], [0.0, -1.0]])  # (T=4, d_k)
     q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])                         # (1, 2, d_k) read positions 0, 1
-    sites = [(torch.tensor([0, 2]), torch.arange(2), [(0, 0, 0, 0), (0, 1, 0, 1)], torch.zeros(2), torch.arange(2))]
+    sites = [(torch.tensor([0, 2]), torch.arange(2), [(0, 0, 0, 0), (0, 1, 0, 1)], torch.zeros(2), torch.arange(2), [])]
     got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()
     first = -torch.log_softmax(torch.tensor([1.0, 0.5]) / 0.5, 0)[0]    # q_0 · (k_0, k_2)
     second = -torch.log_softmax(torch.tensor([2.0, -2.0]) / 0.5, 0)[0]  # q_1 · (k_1, k_3)
