@@ -545,6 +545,7 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False, nu
             kw_all = mem.whom_unit(x_w, W)[kb, :, kt].transpose(0, 1)
             qw_r = mem.whom_unit(x_r, n_r)                               # (B, H, Q·Lq, n)
             qw_all, aw_all = qw_r[qb, :, qt].transpose(0, 1), qw_r[ab, :, at].transpose(0, 1)
+        with_null = lambda lg: torch.cat([lg, lg.new_full((len(lg), 1), null / tau)], 1)  # (·, F) -> (·, F + 1)
         k0 = q0 = a0 = 0                                                 # where each group's rows start
         for b, asked, n_absent in groups:
             pos, slots, _, kinds, whose, _ = sites[b]
@@ -565,7 +566,7 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False, nu
                 rival[torch.arange(len(t)), t] = True                    # (A, F) the candidates
                 some = rival.sum(-1) > 1                                 # (A,) questions with a rival
                 if null > 0:                                             # + the null slot, every question's rival
-                    logits = torch.cat([logits, logits.new_full((na, 1), null / tau)], 1)  # (A, F + 1)
+                    logits = with_null(logits)                           # (A, F + 1)
                     rival = torch.cat([rival, torch.ones(na, 1, dtype=torch.bool)], 1)
                     some = torch.ones(na, dtype=torch.bool)
                 if some.any():
@@ -573,8 +574,7 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False, nu
                     losses.append(F.cross_entropy(logits[some.to(dev)], target[some.to(dev)]))
                 if n_absent:                                             # a person never named: the null slot
                     aw = aw_all[:, a0:a0 + n_absent]                     # against every stated fact
-                    logits = (aw @ kw.transpose(-1, -2)).mean(0) / tau  # (N, F)
-                    logits = torch.cat([logits, logits.new_full((n_absent, 1), null / tau)], 1)  # (N, F + 1)
+                    logits = with_null((aw @ kw.transpose(-1, -2)).mean(0) / tau)  # (N, F + 1)
                     losses.append(F.cross_entropy(logits, torch.full((n_absent,), nf, device=dev)))
             k0, q0, a0 = k0 + nf, q0 + na, a0 + n_absent
     return torch.stack(losses).mean() if losses else None
