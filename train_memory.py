@@ -18,7 +18,7 @@ An episode is a history (dated chat sessions) plus questions. A training step, p
        episode's facts picks the asked fact's write key at the same token of its value; its whom part
        also has a "nobody" slot (bind_null 0.5) that a person never named must pick
      + context_reg 0.5 x the LM loss of the episode's own history (+ 2 answers) read with its state
-     + general_reg 1.0 x the LM loss of corpus text read with the state: stay quiet off-topic
+     + general_reg 1.0 x the LM loss of corpus text (rows of the block) read with the state: stay quiet off-topic
        (these two on an aux_share 0.5 of the steps: the step's most costly tokens after the questions)
      + beta_reg 0.01 x (mean β of the write pass - beta_target 0.05)²: write sparingly.
 Then every condition (no_history, full_context, recent_window, retrieval, deltamem, lora, hebbian and their
@@ -68,7 +68,8 @@ DEFAULTS = dict(
     beta_target=0.05, beta_reg=0.01, read_window=0, seed=1337, device="auto",
     read_window_share=1.0,        # share of steps whose questions see the last read_window history tokens
                                   # (the others see none): 0.5 trains one memory for both read budgets
-    general_reg=1.0, general_len=128,  # + general_reg x LM loss of corpus text read with the episode's state
+    general_reg=1.0, general_len=0,    # + general_reg x LM loss of corpus text read with the episode's state, in
+                                  # rows of general_len tokens (0: the backbone's block_size, as the general loss is scored)
     state_margin=0.0,             # + state_margin x softplus(1 - (loss with another episode's state - own loss))
     bind_reg=1.0,                 # + bind_reg x InfoNCE: the query at an answer must pick the asked fact's key
     bind_rivals="all",            # ... among all the episode's facts | same: only facts of the asked attribute
@@ -311,7 +312,7 @@ def step_inputs(enc, cfg, it, block_size, corpus=None):
     rng = np.random.default_rng([cfg["seed"], it])
     eps = sample_episodes(rng, cfg, cfg["batch_size"])
     aux = on_share(it, cfg["aux_share"])                                 # the context and general terms
-    general = corpus.batch(cfg["batch_size"], cfg["general_len"], rng) if corpus and aux else None
+    general = corpus.batch(cfg["batch_size"], cfg["general_len"] or block_size, rng) if corpus and aux else None
     if cfg["max_questions"]:                                             # a random few of each episode's questions
         eps = [replace(ep, questions=[ep.questions[i] for i in sorted(rng.permutation(len(ep.questions))
                                                                       [:cfg["max_questions"]])]) for ep in eps]
@@ -1098,7 +1099,7 @@ def check_config(cfg):
         grad_clip=(lambda v: v > 0, "a number > 0, e.g. 1.0"), alpha=(lambda v: v > 0, "a number > 0, e.g. 16"),
         beta_target=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),
         beta_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.01"),
-        general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(1),
+        general_reg=(lambda v: v >= 0, "a number >= 0, e.g. 0.5 (0 turns it off)"), general_len=whole(0),
         read_window_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
         shared_share=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
         novel_values=(lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.5"),
@@ -1158,12 +1159,15 @@ def memories_to_train(cfg):
 
 
 def check_fits(cfg, gpt):
-    """The memory flags that depend on the backbone (layers that exist, heads x rank within the width):
-    DeltaMemGPT checks them; here its error becomes the one-line message."""
+    """The memory flags that depend on the backbone (layers that exist, heads x rank within the width:
+    DeltaMemGPT checks them, here its error becomes the one-line message; general rows within the block)."""
     try:
         DeltaMemGPT(gpt, memory_config(cfg))
     except ValueError as e:
         raise UserError(f"--layers={cfg['layers']} --heads={cfg['heads']} --rank={cfg['rank']}: {e}") from None
+    if cfg["general_len"] > gpt.config.block_size:
+        raise UserError(f"--general_len={cfg['general_len']} does not fit the backbone's block_size="
+                        f"{gpt.config.block_size}: use at most that, or 0 for the block")
 
 
 class Timing:

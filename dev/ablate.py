@@ -55,6 +55,7 @@ DEFAULTS = dict(
     shared_share=0.0,             # and their episodes are the plain ones, as when their numbers were measured
     rank=8, bind_tokens=1,        # (with the rank and binding term of that time,
     bind_null=0.0,                # no "nobody" slot (a whom part's; none here),
+    general_len=128,              # general-text rows of 128 tokens,
     batch_size=16,                # and batches of 16 episodes)
     out_dir="out-ablate",
     backbone="out/backbone.pt",   # the main job's (pretrained there first when missing), not one per sweep

@@ -229,8 +229,9 @@ def train_step_bench(repeats=3, device="cpu", compile=False, at=CPU, **shape):
     hist, qx = batch["hist"].flatten(0, 1), batch["qx"].flatten(0, 1)  # (B·W, L), (B·Q, Lq)
     hist_y = torch.roll(hist, -1, dims=1)                                # next-token targets
     B, V = batch["hist"].size(0), gpt.config.vocab_size
-    gx = torch.randint(0, V, (B, 1, cfg["general_len"]), device=device)  # the general-text rows
-    gy = torch.randint(0, V, (B, 1, cfg["general_len"]), device=device)  # (B, 1, general_len)
+    G = cfg["general_len"] or gpt.config.block_size                      # train_memory.step_inputs' row length
+    gx = torch.randint(0, V, (B, 1, G), device=device)                   # the general-text rows
+    gy = torch.randint(0, V, (B, 1, G), device=device)                   # (B, 1, G)
 
     def memory_step():                                                   # train_one's loss, less 2 terms
         mem.train()

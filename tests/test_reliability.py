@@ -343,7 +343,8 @@ def test_cli_prints_one_line_for_a_bad_flag_and_a_corrupt_checkpoint(data_dir, b
     assert f"{tmp_path / 'memory_deltamem.pt'} is corrupt or truncated" in msg
 
 
-@pytest.mark.parametrize("flag,valid", [("--rank=17", "use 1..16"), ("--layers=1", "layers 0..0")])
+@pytest.mark.parametrize("flag,valid", [("--rank=17", "use 1..16"), ("--layers=1", "layers 0..0"),
+                                        ("--general_len=129", "block_size=128: use at most that, or 0")])
 def test_memory_flags_that_depend_on_the_backbone(data_dir, backbone, tmp_path, flag, valid):
     msg = one_line_error("train_memory.py", memory_args(data_dir, backbone, tmp_path, flag))
     assert flag.split("=")[0] in msg and valid in msg

@@ -549,7 +549,8 @@ def test_step_inputs_add_the_context_and_general_terms_on_their_share_of_the_ste
     cfg = dict(TM.DEFAULTS, episode_preset="tiny", batch_size=2)
     off, on = (TM.step_inputs(enc, cfg, it, 256, Rows()) for it in (0, 1))
     assert off[1]["context"] is None and off[1]["general"] is None and off[1]["sites"] is not None
-    assert on[1]["context"][0].shape[:2] == (2, 1) and on[1]["general"] == ("rows", 2, cfg["general_len"])
+    assert on[1]["context"][0].shape[:2] == (2, 1) and on[1]["general"] == ("rows", 2, 256)  # general_len 0: the block
+    assert TM.step_inputs(enc, dict(cfg, general_len=64), 1, 256, Rows())[1]["general"] == ("rows", 2, 64)
     again = TM.step_inputs(enc, cfg, 1, 256, Rows())                     # a function of the step alone
     assert torch.equal(again[0]["hist"], on[0]["hist"]) and torch.equal(again[0]["qx"], on[0]["qx"])
     capped = TM.step_inputs(enc, dict(cfg, max_questions=2), 1, 256, Rows())[0]
