@@ -31,6 +31,10 @@ asked fact at chance 1/N.
                --values=nouns | made_up: the values are words no training episode wrote as a value (the
                train-side recall nouns, or tasks.novel_values): does the read still find the fact, and
                which answer token is lost?
+               Why a read that finds the fact can still answer a rival: the read is linear, S q̃ carries
+               every stored value at its weight q̃·k̃, so it prints the asked fact's weight beside the sum
+               of the rivals' weights, and (with a whom part) how much of the whom pool's weight lands on
+               the person's name, at the key (the value's first token) and at the query (the answer slot).
 """
 import os
 import sys
@@ -187,13 +191,35 @@ def fit_keys(train, test, key_dim, steps, seed, tau=0.1, lr=1e-2, batch=0):
 
 
 @torch.no_grad()
+def name_share(mem, x, t, span, L):
+    """Of the whom pool at stream position t of x (T, d) (causal_pool over the last name_pool tokens, restarting
+    every L tokens), the weight on the positions in span, as a mean over the pool's channels."""
+    lo = max(t - mem.cfg.name_pool + 1, t // L * L)                     # the pool's first token
+    w = torch.softmax(4 * torch.tanh(mem.W_s(x[lo:t + 1])), dim=0)      # (t - lo + 1, H·n) each channel's weights
+    inside = [j - lo for j in span if lo <= j <= t]
+    return float(w[inside].sum(0).mean()) if inside else 0.0
+
+
+def name_span(ids, name_ids, end):
+    """The positions of the last occurrence of name_ids in ids that ends at or before end (a list, or [])."""
+    n = len(name_ids)
+    for s in range(end - n + 1, -1, -1):
+        if ids[s:s + n] == name_ids:
+            return list(range(s, s + n))
+    return []
+
+
+@torch.no_grad()
 def memory_lookup(model, enc, episodes):
     """A trained memory's reads on episodes written into it one at a time: per layer, the top-1 of the full
     query and of its whom part (None without one) over the episode's facts; the first answer token's
     (asked, rival, neither) shares; each of the first 4 answer tokens' accuracy, teacher-forced; and the
-    first token's accuracy apart for first tokens that some training value starts with and for the rest."""
+    first token's accuracy apart for first tokens that some training value starts with and for the rest;
+    and per layer the read's weights (the asked fact's q̃·k̃, the sum of its rivals') and the whom pool's
+    weight on the person's name at the key and at the query (None without a whom part)."""
     model.eval()
     top, top_whom, first, per_token = {i: [] for i in model.memories}, {i: [] for i in model.memories}, [], {}
+    weights, shares = {i: [] for i in model.memories}, {i: [] for i in model.memories}
     trained = {enc.encode_ordinary(" " + v)[0] for vs in tasks.pools_for("train")["values"].values() for v in vs}
     by_seen = {True: [], False: []}                                      # first token right, by "seen in training"
     for ep in episodes:
@@ -209,6 +235,10 @@ def memory_lookup(model, enc, episodes):
             reads = dict(seen)
         at, target = [p for _, p, _, _ in asked], torch.tensor([a for _, _, a, _ in asked])
         W, Q = batch["hist"].size(1), batch["qx"].size(1)
+        L, Lq = batch["hist"].size(2), batch["qx"].size(-1)
+        hist_ids, q_ids = batch["hist"][0].flatten().tolist(), batch["qx"][0].tolist()   # (W·L,), (Q, Lq)
+        names = [next(p for p in tasks.pools_for("train")["names"]       # the asked person (train-side episodes)
+                      if p in ep.questions[qi].q.replace("?", " ").replace("'s", " ").split()) for qi, _, _, _ in asked]
         for i, mem in model.memories.items():
             x_w, x_r = writes[i].reshape(1, -1, writes[i].size(-1)), reads[i].reshape(1, -1, reads[i].size(-1))
             k, q = mem.write_terms(x_w, W)[0][0], mem.read_query(x_r, Q)[0]   # (H, T, d_k), (H, Q·Lq, d_k)
@@ -216,6 +246,15 @@ def memory_lookup(model, enc, episodes):
             if mem.W_c is not None:
                 kw, qw = mem.whom_unit(x_w, W)[0], mem.whom_unit(x_r, Q)[0]  # (H, T, n), (H, Q·Lq, n)
                 top_whom[i] += ((qw[:, at] @ kw[:, pos].transpose(-1, -2)).mean(0).argmax(-1) == target).tolist()
+                for (qi, p, a, _), name in zip(asked, names):            # the pool at the key and the query
+                    name_ids = enc.encode_ordinary(" " + name)
+                    t = int(pos[a])
+                    shares[i].append((name_share(mem, x_w[0], t, name_span(hist_ids, name_ids, t), L),
+                                      name_share(mem, x_r[0], p, [qi * Lq + j for j in
+                                                 name_span(q_ids[qi], name_ids, p - qi * Lq)], Lq)))
+            s = (q[:, at] @ k[:, pos].transpose(-1, -2)).mean(0)        # (A, F) the read's weights
+            own = s[torch.arange(len(target)), target]                   # (A,)
+            weights[i] += list(zip(own.tolist(), (s.sum(-1) - own).tolist()))
         y = batch["qy"][0]                                               # (Q, Lq)
         firsts = {v: enc.encode_ordinary(" " + v)[0] for v in {q.a for q in ep.questions if q.a != tasks.UNKNOWN}}
         for j, q in enumerate(ep.questions):
@@ -227,9 +266,10 @@ def memory_lookup(model, enc, episodes):
                 for n, t in enumerate(at_answer.tolist()[:4]):           # each token, the ones before it given
                     per_token.setdefault(n, []).append(int(logits[j, t].argmax() == y[j, t]))
     mean = lambda xs: float(np.mean(xs)) if xs else None
-    shares = np.bincount(first, minlength=3) / max(len(first), 1)
-    return ({i: (mean(top[i]), mean(top_whom[i])) for i in top}, shares, [mean(per_token[n]) for n in sorted(per_token)],
-            {k: (mean(v), len(v)) for k, v in by_seen.items()})
+    shares_first = np.bincount(first, minlength=3) / max(len(first), 1)
+    pairs = lambda xs: tuple(float(v) for v in np.mean(xs, 0)) if xs else None
+    return ({i: (mean(top[i]), mean(top_whom[i])) for i in top}, shares_first, [mean(per_token[n]) for n in sorted(per_token)],
+            {k: (mean(v), len(v)) for k, v in by_seen.items()}, {i: (pairs(weights[i]), pairs(shares[i])) for i in top})
 
 
 def main(argv=None):
@@ -257,12 +297,17 @@ def main(argv=None):
         if not os.path.exists(cfg["memory"]):
             raise UserError(f"memory {cfg['memory']} not found: train one with `python train_memory.py`")
         mem = load_memory(cfg["memory"], model)[0]
-        tops, (a, r, other), per_token, by_seen = memory_lookup(mem, enc, held_out)
+        tops, (a, r, other), per_token, by_seen, reads = memory_lookup(mem, enc, held_out)
         print(f"3. the memory {cfg['memory']} on {cfg['episodes']} train-side episodes, N = {n} people share one "
               f"attribute, values: {cfg['values']}, 0 history tokens (chance {1 / n:.2f})")
         for i, (full, whom) in tops.items():
             print(f"  layer {i}: the read query picks the asked fact's key {full:.2f}"
                   + (f", its whom part alone {whom:.2f}" if whom is not None else ""))
+            weights, share = reads[i]
+            if weights is not None:
+                print(f"    the read's weights q̃·k̃: the asked fact {weights[0]:.2f}, its {n - 1} rivals together "
+                      f"{weights[1]:.2f}" + (f"; the whom pool's weight on the name: at the key {share[0]:.2f}, "
+                                             f"at the query {share[1]:.2f}" if share is not None else ""))
         print(f"  first answer token: the asked person's value {a:.2f}, a rival's {r:.2f}, neither {other:.2f} "
               f"(the attribute alone: {1 / n:.2f}, {1 - 1 / n:.2f}, 0)")
         print(f"  answer tokens 1-{len(per_token)}, each given the ones before it: "

@@ -38,6 +38,28 @@ def test_attention_capture_keeps_the_output_and_gives_each_layers_softmax_row():
         assert_close("attention row sums", att.sum(-1), torch.ones(2), atol=1e-5)
 
 
+def test_name_share_is_the_whom_pools_weight_on_the_name_by_hand():
+    """Every channel scores a token 4 tanh(10 x_0): +4 where x_0 = 1 (the name), -4 where x_0 = -1. The pool at t
+    covers its last name_pool tokens inside t's window, so the name's share is e^4 / (e^4 + m e^-4) with m
+    the other tokens it covers, and 0 when the name sits in an earlier window."""
+    from nanodeltamem import DeltaMemory, MemoryConfig
+    mem = DeltaMemory(8, MemoryConfig(key_dim=8, name_dim=4, name_pool=6))
+    with torch.no_grad():
+        mem.W_s.weight.zero_()
+        mem.W_s.weight[:, 0] = 10.0
+    x = torch.zeros(20, 8)
+    x[:, 0] = -1.0
+    x[3, 0] = 1.0                                                        # the name at position 3
+    share = lambda m: np.exp(4) / (np.exp(4) + m * np.exp(-4))
+    assert LK.name_share(mem, x, 5, [3], L=20) == pytest.approx(share(5), rel=1e-5)     # covers 0..5: 5 others
+    assert LK.name_share(mem, x, 8, [3], L=20) == pytest.approx(share(5), rel=1e-5)     # covers 3..8
+    assert LK.name_share(mem, x, 9, [3], L=20) == 0.0                                # 4..9: out of reach
+    assert LK.name_share(mem, x, 11, [3], L=10) == 0.0                               # window 10..19
+    assert LK.name_span([5, 1, 2, 7, 1, 2, 9], [1, 2], 6) == [4, 5]      # the last one ending by position 6
+    assert LK.name_span([5, 1, 2, 7, 1, 2, 9], [1, 2], 4) == [1, 2]
+    assert LK.name_span([5, 1, 2, 7], [2, 7], 2) == []
+
+
 @pytest.mark.parametrize("batch,steps", [(0, 200), (32, 400)])   # every question a step, or random batches
 def test_key_fit_binds_a_name_only_a_conv_that_reaches_it_sees(batch, steps):
     """Keys: offset 0 holds the shared attribute, offset 1 the person's name; the query holds the asked
