@@ -167,8 +167,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block. `mem`, if given, maps the attention input h (and the layer's cache) to
-    (dq, do); `cache` is the layer's decoding cache (see CausalSelfAttention)."""
+    """Pre-LN transformer block. `mem`, if given, maps the attention input h, the tokens' own embeddings e
+    (what each token is, wherever it sits) and the layer's cache to (dq, do); `cache` is the layer's
+    decoding cache (see CausalSelfAttention)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -177,9 +178,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mem=None, cache=None):
+    def forward(self, x, mem=None, cache=None, e=None):
         h = self.ln_1(x)                                                 # (B, T, C) attention input
-        dq, do = mem(h, cache) if mem is not None else (None, None)      # the memory reads h
+        dq, do = mem(h, e, cache) if mem is not None else (None, None)   # the memory reads h (and e)
         x = x + self.attn(h, dq, do, cache)
         return x + self.mlp(self.ln_2(x))                                # (B, T, C)
 
@@ -239,14 +240,16 @@ class GPT(nn.Module):
         logits=False (with targets): return (None, loss), with the vocabulary head run only at the
         positions that have a target; the same loss for less work where most positions have none (answers).
 
-        mems: None, or one callable per layer (or None for a layer without memory), see Block.
+        mems: None, or one callable per layer (or None for a layer without memory), see Block; each gets
+        the token embeddings e = wte(idx) (B, T, C) beside h.
         cache: None, or a dict (start with {}) that keeps every layer's keys and values: idx is then
         the prompt on the first call and one new token, at the next position, on each later call.
         """
         x = self.embed(idx, past=cache[0]["k"].size(2) if cache else 0)  # (B, T, C)
+        e = self.wte(idx) if mems is not None else None                  # (B, T, C) the tokens alone, for memories
         for i, block in enumerate(self.blocks):
             layer_cache = cache.setdefault(i, {}) if cache is not None else None
-            x = block(x, mems[i] if mems is not None else None, layer_cache)  # (B, T, C)
+            x = block(x, mems[i] if mems is not None else None, layer_cache, e)  # (B, T, C)
         x = self.ln_f(x)                                                 # (B, T, C)
         if targets is not None and not logits:                           # the loss alone: only the N
             keep = targets != IGNORE_INDEX                               # positions with a target
@@ -501,11 +504,13 @@ class MemoryConfig:
     query_conv: int = 1        # a read query sees its last query_conv tokens (1: only its own, as in the paper)
     name_dim: int = 0          # > 0: keys and queries are (what, d_k / name_dim) ⊗ (whom, name_dim): whose fact it is
     name_pool: int = 16        # ... taken from a content-weighted mean of the last name_pool tokens
+    whom_from: str = "h"       # ... of what: h (the layer input) | tokens (each token's own embedding, wte)
     decay_bias: float = 6.0    # update=gated: b_λ at init, λ = sigmoid(6) ≈ 0.9975 kept per token
 
     def __post_init__(self):
         choices = dict(write_unit=("token", "segment"), sides=("q", "o", "qo"),
-                       update=("delta", "gated", "deltanet", "hebbian"), gates=("rowwise", "scalar"), init=("paper", "zero"))
+                       update=("delta", "gated", "deltanet", "hebbian"), gates=("rowwise", "scalar"),
+                       init=("paper", "zero"), whom_from=("h", "tokens"))
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
@@ -543,7 +548,8 @@ class DeltaMemory(nn.Module):
         dq_t = s B_q read_t,  do_t = s B_o read_t      (s = alpha / r; reads of all heads concatenated)
 
     name_dim = n > 0: q̃_t and k̃_t are L2norm(tanh(what) ⊗ tanh(whom)), what = the A_q / A_k part above
-    (d_k / n) and whom (n) a score-weighted mean of the last name_pool tokens (`whom`, `unit`).
+    (d_k / n) and whom (n) a score-weighted mean of the last name_pool tokens (`whom`, `unit`): of what
+    h says (whom_from=h) or of the tokens' own embeddings e_t (whom_from=tokens), weighted by a score of h.
 
     The state S (B, H, r, d_k) lives in `self.state` and is carried across forward calls, so a
     history can be written window by window and queried later with writes off.
@@ -579,6 +585,10 @@ class DeltaMemory(nn.Module):
         # 3-12 tokens before the value, at no offset a convolution could learn. Why apart: the answer loss
         # pulls every key to the attribute, so the whom part is trained only to tell people apart
         # (train_memory.binding_loss), and the answer loss never moves it.
+        # whom_from=tokens: c_t pools W_c LN(e_{t-j}), the tokens' own embeddings, not their h. Why: h at a
+        # name carries its context too ("Alice lives" vs "does Alice live"), so the same name's whom content
+        # differs between statement and question; a token's embedding is the same wherever it sits. The
+        # score s still reads h: h says which token is a name here.
         self.W_c = self.W_s = None
         if cfg.name_dim:
             self.W_c = nn.Linear(d, H * cfg.name_dim, bias=False)        # what a token says about whom
@@ -614,13 +624,20 @@ class DeltaMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
 
-    def whom(self, x, n_windows=1, past=None):
-        """The whom part c (B, T, H·n) of x (B, T, d) before tanh, and causal_pool's tail (decoding)."""
-        return causal_pool(self.W_c(x), 4 * torch.tanh(self.W_s(x)), self.cfg.name_pool, n_windows, past)
+    def whom(self, x, n_windows=1, past=None, e=None):
+        """The whom part c (B, T, H·n) of x (B, T, d) before tanh, and causal_pool's tail (decoding); with
+        whom_from=tokens its content comes from e (B, T, d), the tokens' embeddings."""
+        if self.cfg.whom_from == "tokens":
+            if e is None:
+                raise ValueError("whom_from=tokens needs the tokens' embeddings e (DeltaMemGPT passes them)")
+            content = self.W_c(F.layer_norm(e, e.shape[-1:]))            # (B, T, H·n) the token, not its context
+        else:
+            content = self.W_c(x)                                        # (B, T, H·n)
+        return causal_pool(content, 4 * torch.tanh(self.W_s(x)), self.cfg.name_pool, n_windows, past)
 
-    def whom_unit(self, x, n_windows=1):
+    def whom_unit(self, x, n_windows=1, e=None):
         """The whom part alone as unit vectors (B, H, T, n): what the binding term trains it on."""
-        return F.normalize(torch.tanh(self._heads(self.whom(x, n_windows)[0], self.cfg.name_dim)), dim=-1)
+        return F.normalize(torch.tanh(self._heads(self.whom(x, n_windows, e=e)[0], self.cfg.name_dim)), dim=-1)
 
     def unit(self, a, c=None):
         """Unit keys or queries (B, H, T, d_k) from the what part a (B, T, H·what_dim) and the whom part c
@@ -631,7 +648,7 @@ class DeltaMemory(nn.Module):
         whom = torch.tanh(self._heads(c, self.cfg.name_dim))             # (B, H, T, n)
         return F.normalize((what[..., :, None] * whom[..., None, :]).flatten(-2), dim=-1)  # (B, H, T, d_k)
 
-    def query_parts(self, x, n_windows=1, cache=None):
+    def query_parts(self, x, n_windows=1, cache=None, e=None):
         """The read queries' what part a (B, T, H·what_dim) and whom part c (B, T, H·n) or None, before tanh
         (q̃ = unit(a, c)): a caller that needs a few positions' queries can take them there."""
         a = self.A_q(x)                                                  # (B, T, H·what_dim)
@@ -643,28 +660,28 @@ class DeltaMemory(nn.Module):
         c = None
         if self.W_c is not None:
             past = cache.get("q_whom") if cache is not None else None    # (B, P-1, 2·H·n) or None
-            c, tail = self.whom(x, n_windows, past)
+            c, tail = self.whom(x, n_windows, past, e)
             c = c.detach()                                               # (B, T, H·n) trained apart
             if cache is not None:
                 cache["q_whom"] = tail
         return a, c
 
-    def read_query(self, x, n_windows=1, cache=None):
+    def read_query(self, x, n_windows=1, cache=None, e=None):
         """Unit read queries q̃ (B, H, T, d_k) of x (B, T, d), T = n_windows windows of equal length (the
         query convolution restarts in each). cache (decoding, one window): keeps the last K-1 A_q h_t, so a
         new token's query sees the tokens before it."""
-        return self.unit(*self.query_parts(x, n_windows, cache))         # (B, H, T, d_k)
+        return self.unit(*self.query_parts(x, n_windows, cache, e))      # (B, H, T, d_k)
 
-    def key_parts(self, x, n_windows=1):
+    def key_parts(self, x, n_windows=1, e=None):
         """The write keys' what part a (B, T, H·what_dim) and whom part c (B, T, H·n) or None, before tanh
         (k̃ = unit(a, c)): a caller that needs a few positions' keys can take them there."""
         a = self.A_k(x)                                                  # (B, T, H·what_dim)
         if self.key_conv is not None:
             a = causal_conv(a, self.key_conv, n_windows)[0]              # (B, T, H·what_dim)
-        c = self.whom(x, n_windows)[0].detach() if self.W_c is not None else None  # (B, T, H·n) trained apart
+        c = self.whom(x, n_windows, e=e)[0].detach() if self.W_c is not None else None  # (B, T, H·n) trained apart
         return a, c
 
-    def write_terms(self, x, n_windows=1, real=None):
+    def write_terms(self, x, n_windows=1, real=None, e=None):
         """Write-side projections of x (B, T, d), T = n_windows windows of equal (padded) length: unit
         keys k (B, H, T, d_k), values v (B, H, T, r), write gates β and keep factors (what every token keeps
         of each state row: 1-β, λ, or 1), both (B, H, T, r|1). real (B, 1, T, 1): padding neither writes
@@ -673,7 +690,7 @@ class DeltaMemory(nn.Module):
         With key_conv = K > 1 the convolution restarts in every window (K-1 zeros before its first
         token), and padding only ever follows a window's real tokens: so a key depends on its own window
         alone, never on how much padding the other episodes of a batch gave the window before it."""
-        k = self.unit(*self.key_parts(x, n_windows))                     # (B, H, T, d_k)
+        k = self.unit(*self.key_parts(x, n_windows, e))                  # (B, H, T, d_k)
         v = self._heads(self.A_v(x), self.cfg.rank)                      # (B, H, T, r)
         gate = lambda W: torch.sigmoid(self._heads(W(x), W.out_features // self.cfg.heads))  # (B, H, T, r|1)
         beta = gate(self.W_beta) if real is None else gate(self.W_beta) * real
@@ -683,8 +700,9 @@ class DeltaMemory(nn.Module):
             keep = 1 - beta if self.cfg.update == "delta" else torch.ones_like(beta)
         return k, v, beta, keep
 
-    def forward(self, h, write=False, n_windows=1, mask=None, seg=None, cache=None):
-        """h (N, L, d) with N = B * n_windows: window w of episode b is row b * n_windows + w.
+    def forward(self, h, write=False, n_windows=1, mask=None, seg=None, cache=None, e=None):
+        """h (N, L, d) with N = B * n_windows: window w of episode b is row b * n_windows + w; e (N, L, d)
+        the tokens' embeddings (GPT.forward), which the whom part reads with whom_from=tokens.
 
         The windows of an episode are one stream for the memory (the state runs through all of
         them in order), while attention never looks past a window. mask (N, L) marks real tokens
@@ -696,7 +714,8 @@ class DeltaMemory(nn.Module):
         N, L, d = h.shape
         B, T = N // n_windows, n_windows * L
         x = h.reshape(B, T, d)                                           # (B, T, d) one stream
-        q = self.read_query(x, n_windows, cache)                         # (B, H, T, d_k)
+        e = e.reshape(B, T, d) if e is not None else None                # (B, T, d)
+        q = self.read_query(x, n_windows, cache, e)                      # (B, H, T, d_k)
         S = self.state
         if S is None:
             S = x.new_zeros(B, cfg.heads, cfg.rank, cfg.key_dim, dtype=torch.float32)
@@ -705,11 +724,11 @@ class DeltaMemory(nn.Module):
             read = q.float() @ S.transpose(-1, -2)                       # (B, H, T, r)
         elif cfg.write_unit == "token":                                  # TSW: every token writes
             real = torch.ones(B, 1, T, 1, device=x.device) if mask is None else mask.reshape(B, 1, T, 1).float()
-            k, v, beta, keep = self.write_terms(x, n_windows, real)     # padding: β = 0, keep 1, a no-op
+            k, v, beta, keep = self.write_terms(x, n_windows, real, e)  # padding: β = 0, keep 1, a no-op
             self.mean_beta = beta.sum() / (real.sum() * beta.size(1) * beta.size(-1))  # mean β (regulariser)
             read, S = scan_real_tokens(q, k, v, beta, S, real.reshape(B, T), **self._decay(scan, keep))  # padding skipped
         else:                                                            # SSW: every line writes once
-            read, S = self._segment_write(h, q, S, n_windows, seg, scan)
+            read, S = self._segment_write(h, q, S, n_windows, seg, scan, e)
         self.state = S
         read = read.transpose(1, 2).reshape(N, L, -1)                    # (N, L, H·r) heads concatenated
         dq = self.scale * self.B_q(read) if self.B_q is not None else None   # (N, L, d)
@@ -720,7 +739,7 @@ class DeltaMemory(nn.Module):
         """The scan's decay argument: the gate λ itself for update=gated, else the rule's switch."""
         return dict(scan, decay=keep) if self.W_lambda is not None else scan
 
-    def _segment_write(self, h, q, S, n_windows, seg, scan):
+    def _segment_write(self, h, q, S, n_windows, seg, scan, e=None):
         """SSW: mean-pool h over each line and write once per line; tokens read the state that held
         before their window. Trick: one scan over [L read-only token steps (β = 0), M line writes] per
         window, so the state still runs through all windows in order without a Python loop."""
@@ -731,10 +750,12 @@ class DeltaMemory(nn.Module):
         M = int(seg.max().item()) + 1                                    # lines per window (padded)
         onehot = (seg[..., None] == torch.arange(M, device=h.device)).to(h.dtype)  # (N, L, M)
         count = onehot.sum(1)                                            # (N, M) tokens per line
-        pooled = onehot.transpose(1, 2) @ h / count.clamp_min(1)[..., None]  # (N, M, d) line means
+        line_mean = lambda a: onehot.transpose(1, 2) @ a.reshape(N, L, d) / count.clamp_min(1)[..., None]
+        pooled = line_mean(h)                                            # (N, M, d) line means
+        e_lines = line_mean(e).reshape(B, W * M, d) if e is not None else None  # (B, W·M, d) the tokens' too
         real = (count > 0).to(h.dtype).reshape(B, 1, W * M, 1)
-        k, v, beta, keep = self.write_terms(pooled.reshape(B, W * M, d), W, real)  # (B, H, W·M, ·) empty lines:
-                                                                         # no write, no decay
+        k, v, beta, keep = self.write_terms(pooled.reshape(B, W * M, d), W, real, e_lines)  # (B, H, W·M, ·)
+                                                                         # empty lines: no write, no decay
         self.mean_beta = beta.sum() / (real.sum() * H * beta.size(-1))  # mean β (regulariser)
 
         def steps(tok, line):                                            # (B, H, W, L+M, ·) interleave
@@ -823,7 +844,7 @@ class DeltaMemGPT(nn.Module):
         idx, targets, mask, seg = flat(idx), flat(targets), flat(mask), flat(seg)
         mems = [None] * self.gpt.config.n_layer
         for i, mem in self.memories.items():
-            mems[int(i)] = lambda h, cache=None, mem=mem: mem(h, write, n_windows, mask, seg, cache)
+            mems[int(i)] = lambda h, e, cache=None, mem=mem: mem(h, write, n_windows, mask, seg, cache, e=e)
         if write and not logits:
             return self._write_only(idx, mems)
         return self.gpt(idx, targets, mems=mems, cache=cache, logits=logits)
@@ -834,10 +855,10 @@ class DeltaMemGPT(nn.Module):
         stops at that layer's attention input: its attention, the layers above and the vocabulary head
         are skipped."""
         last = max(int(i) for i in self.memories)
-        x = self.gpt.embed(idx)                                          # (N, L, C)
+        x, e = self.gpt.embed(idx), self.gpt.wte(idx)                    # (N, L, C) each
         for block, mem in zip(self.gpt.blocks[:last], mems):
-            x = block(x, mem)                                            # (N, L, C)
-        mems[last](self.gpt.blocks[last].ln_1(x))                        # the last write: nothing above reads it
+            x = block(x, mem, e=e)                                       # (N, L, C)
+        mems[last](self.gpt.blocks[last].ln_1(x), e)                     # the last write: nothing above reads it
         return None, None
 
     @torch.no_grad()
@@ -845,7 +866,7 @@ class DeltaMemGPT(nn.Module):
         """Greedy answers read from the memory (writes off). idx (B, T) -> (B, T + new)."""
         mems = [None] * self.gpt.config.n_layer
         for i, mem in self.memories.items():
-            mems[int(i)] = lambda h, cache=None, mem=mem: mem(h, cache=cache)
+            mems[int(i)] = lambda h, e, cache=None, mem=mem: mem(h, cache=cache, e=e)
         return self.gpt.generate(idx, max_new_tokens, temperature=0, stop_token=stop_token, mems=mems)
 
     def param_counts(self):

@@ -62,6 +62,8 @@ DEFAULTS = dict(
     name_dim=32, name_pool=16,    # > 0: keys are what (d_k / name_dim) ⊗ whom (name_dim), whom a content-weighted
                                   # mean of the last name_pool tokens (trained by the binding term alone); 0: d_k
                                   # of what alone (the keys before 2026-12-04: --key_dim=8 --name_dim=0)
+    whom_from="tokens",           # the whom content of: tokens (their own embeddings: a name reads alike in
+                                  # statement and question) | h (the layer input, before 2026-12-07)
     name_lr_scale=0.1,            # the whom part learns at this times the learning rate
     # training (more steps of fewer episodes: 500 x 8 takes the time of 300 x 16 and answers better)
     max_iters=500, batch_size=8, learning_rate=3e-2, min_lr=1e-3, warmup_iters=20, grad_clip=1.0,
@@ -116,7 +118,7 @@ class LoRA(nn.Module):
             nn.init.zeros_(up.weight)                                     # starts as the backbone
         self.scale = alpha / rank
 
-    def forward(self, h, *unused):
+    def forward(self, h, *unused, **unused_kw):
         out = {s: self.scale * self.up[s](self.down[s](h)) for s in self.down}  # (B, T, d) each
         return out.get("q"), out.get("o")
 
@@ -158,7 +160,7 @@ def memory_config(cfg, **over):
               sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
               gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"],
               key_conv=cfg["key_conv"], query_conv=cfg["query_conv"], decay_bias=cfg["decay_bias"],
-              name_dim=cfg["name_dim"], name_pool=cfg["name_pool"])
+              name_dim=cfg["name_dim"], name_pool=cfg["name_pool"], whom_from=cfg["whom_from"])
     kw.update(over)
     try:
         return MemoryConfig(**kw)
@@ -243,10 +245,10 @@ def episode_loss(model, batch, cfg, device, general=None, sites=None, context=No
     with LayerInputs(model) as seen:
         model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device),
               logits=False)
-        writes = dict(seen)                                              # (B·W, L, d) per memory layer
+        writes = dict(seen)                                              # (h, e), each (B·W, L, d), per memory layer
         qx, qy = batch["qx"].to(device), batch["qy"].to(device)
         _, loss = model(qx, qy, logits=False)                            # (B·Q, Lq): the head only at answers
-        reads = dict(seen)                                               # (B·Q, Lq, d)
+        reads = dict(seen)                                               # (h, e), each (B·Q, Lq, d)
     if sites is not None and cfg["bind_reg"] > 0:
         bind = binding_loss(model, writes, reads, sites, batch["hist"].size(1), qx.size(1),
                             same_kind=cfg["bind_rivals"] == "same", null=cfg["bind_null"])
@@ -466,19 +468,27 @@ def fact_sites(enc, ep, window):
 
 
 class LayerInputs:
-    """with LayerInputs(model) as seen: ... -> seen[i] is memory layer i's last input h (N, L, d)."""
+    """with LayerInputs(model) as seen: ... -> seen[i] is memory layer i's last input (h, e): its attention
+    input h (N, L, d) and the tokens' embeddings e (N, L, d) (DeltaMemory.forward)."""
 
     def __init__(self, model):
         self.model, self.seen, self.hooks = model, {}, []
 
     def __enter__(self):
         for i, mem in self.model.memories.items():
-            self.hooks.append(mem.register_forward_pre_hook(lambda m, args, i=i: self.seen.__setitem__(i, args[0])))
+            self.hooks.append(mem.register_forward_pre_hook(
+                lambda m, args, kw, i=i: self.seen.__setitem__(i, (args[0], kw.get("e"))), with_kwargs=True))
         return self.seen
 
     def __exit__(self, *exc):
         for h in self.hooks:
             h.remove()
+
+
+def streams(seen, B):
+    """A LayerInputs entry (h, e) as B streams: x (B, T, d) and e (B, T, d) or None."""
+    h, e = seen
+    return h.reshape(B, -1, h.size(-1)), (e.reshape(B, -1, e.size(-1)) if e is not None else None)
 
 
 def binding_sites(enc, episodes, batch, block_size, tokens=1):
@@ -523,9 +533,8 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False, nu
         if not hasattr(mem, "key_parts"):                                 # LoRA: no keys
             continue
         B, who = len(sites), getattr(mem, "W_c", None) is not None      # who: the keys have a whom part
-        x_w = writes[i].reshape(B, -1, writes[i].size(-1))               # (B, T, d)
-        x_r = reads[i].reshape(B, -1, reads[i].size(-1))                 # (B, Q·Lq, d)
-        n_r, dev = len(reads[i]) // B, x_w.device
+        (x_w, e_w), (x_r, e_r) = streams(writes[i], B), streams(reads[i], B)  # (B, T, d), (B, Q·Lq, d)
+        n_r, dev = len(reads[i][0]) // B, x_w.device
         groups, kb, kt, qb, qt, ab, at = [], [], [], [], [], [], []      # every episode's answer tokens: the
         for b, (pos, _, rows, _, _, absent) in enumerate(sites):         # rows each reads, gathered at once
             for j in sorted({r[3] for r in rows}):                       # the answer's j-th token reads the
@@ -540,11 +549,11 @@ def binding_loss(model, writes, reads, sites, W, Q, tau=0.1, same_kind=False, nu
         def unit_rows(parts, bi, ti):                                    # parts (B, T, ·): what, whom or None ->
             a, c = parts                                                 # unit vectors (H, len(ti), d_k) at the
             return mem.unit(a[bi, ti][None], None if c is None else c[bi, ti][None])[0]  # rows (bi, ti) only
-        k_all = unit_rows(mem.key_parts(x_w, W), kb, kt)                 # (H, ΣF, d_k)
-        q_all = unit_rows(mem.query_parts(x_r, n_r), qb, qt)             # (H, ΣA, d_k)
+        k_all = unit_rows(mem.key_parts(x_w, W, e_w), kb, kt)            # (H, ΣF, d_k)
+        q_all = unit_rows(mem.query_parts(x_r, n_r, e=e_r), qb, qt)      # (H, ΣA, d_k)
         if who:                                                          # whom parts alone, unit (H, Σ·, n)
-            kw_all = mem.whom_unit(x_w, W)[kb, :, kt].transpose(0, 1)
-            qw_r = mem.whom_unit(x_r, n_r)                               # (B, H, Q·Lq, n)
+            kw_all = mem.whom_unit(x_w, W, e_w)[kb, :, kt].transpose(0, 1)
+            qw_r = mem.whom_unit(x_r, n_r, e_r)                          # (B, H, Q·Lq, n)
             qw_all, aw_all = qw_r[qb, :, qt].transpose(0, 1), qw_r[ab, :, at].transpose(0, 1)
         with_null = lambda lg: torch.cat([lg, lg.new_full((len(lg), 1), null / tau)], 1)  # (·, F) -> (·, F + 1)
         k0 = q0 = a0 = 0                                                 # where each group's rows start
@@ -635,16 +644,17 @@ def diagnose(model, enc, episodes, device):
         model.reset_memory()
         model(batch["hist"].to(device), write=True, mask=batch["mask"].to(device), seg=batch["seg"].to(device),
               logits=False)
-        writes = dict(seen)                                              # (B·W, L, d) per layer
+        writes = dict(seen)                                              # (h, e), each (B·W, L, d), per layer
         model(batch["qx"].to(device))
-        reads = dict(seen)                                               # (B·Q, Lq, d) per layer
+        reads = dict(seen)                                               # (h, e), each (B·Q, Lq, d), per layer
     B = len(episodes)
     real = batch["mask"].reshape(B, W * L).to(device)                    # (B, T)
     sites = binding_sites(enc, episodes, batch, model.gpt.config.block_size)
     out = {}
     for i, mem in model.memories.items():
-        k, _, _, keep = mem.write_terms(writes[i].reshape(B, W * L, -1), W)  # (B, H, T, d_k), (B, H, T, r|1)
-        q = mem.read_query(reads[i].reshape(B, -1, reads[i].size(-1)), len(reads[i]) // B)  # (B, H, Q·Lq, d_k)
+        (x_w, e_w), (x_r, e_r) = streams(writes[i], B), streams(reads[i], B)  # (B, W·L, d), (B, Q·Lq, d)
+        k, _, _, keep = mem.write_terms(x_w, W, e=e_w)                   # (B, H, T, d_k), (B, H, T, r|1)
+        q = mem.read_query(x_r, len(reads[i][0]) // B, e=e_r)            # (B, H, Q·Lq, d_k)
         ret, sep, margin, same_sep, same_margin, nobody = [], [], [], [], [], []
         for b, (pos, slots, asked, kinds, _, absent) in enumerate(sites):
             if len(pos) == 0:

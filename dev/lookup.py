@@ -240,11 +240,12 @@ def memory_lookup(model, enc, episodes):
         names = [next(p for p in tasks.pools_for("train")["names"]       # the asked person (train-side episodes)
                       if p in ep.questions[qi].q.replace("?", " ").replace("'s", " ").split()) for qi, _, _, _ in asked]
         for i, mem in model.memories.items():
-            x_w, x_r = writes[i].reshape(1, -1, writes[i].size(-1)), reads[i].reshape(1, -1, reads[i].size(-1))
-            k, q = mem.write_terms(x_w, W)[0][0], mem.read_query(x_r, Q)[0]   # (H, T, d_k), (H, Q·Lq, d_k)
+            (x_w, e_w), (x_r, e_r) = TM.streams(writes[i], 1), TM.streams(reads[i], 1)  # (1, T, d) each
+            k = mem.write_terms(x_w, W, e=e_w)[0][0]                     # (H, T, d_k)
+            q = mem.read_query(x_r, Q, e=e_r)[0]                         # (H, Q·Lq, d_k)
             top[i] += ((q[:, at] @ k[:, pos].transpose(-1, -2)).mean(0).argmax(-1) == target).tolist()
             if mem.W_c is not None:
-                kw, qw = mem.whom_unit(x_w, W)[0], mem.whom_unit(x_r, Q)[0]  # (H, T, n), (H, Q·Lq, n)
+                kw, qw = mem.whom_unit(x_w, W, e_w)[0], mem.whom_unit(x_r, Q, e_r)[0]  # (H, T, n), (H, Q·Lq, n)
                 top_whom[i] += ((qw[:, at] @ kw[:, pos].transpose(-1, -2)).mean(0).argmax(-1) == target).tolist()
                 for (qi, p, a, _), name in zip(asked, names):            # the pool at the key and the query
                     name_ids = enc.encode_ordinary(" " + name)

@@ -337,18 +337,50 @@ def test_key_and_query_conv_are_causal_convolutions_of_their_projection(side):
         assert_close(f"{side}s[:, 0] {n_windows}", of(x, n_windows)[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
 
 
-def test_keys_and_queries_built_at_a_few_positions_equal_the_full_ones_there():
+@pytest.mark.parametrize("whom_from", ["h", "tokens"])
+def test_keys_and_queries_built_at_a_few_positions_equal_the_full_ones_there(whom_from):
     """unit(key_parts(x) at idx) is write_terms' keys at idx, to the bit (and the same for queries): the
     binding term builds the d_k-wide keys only where it reads them."""
     torch.manual_seed(0)
-    mem = DeltaMemory(16, MemoryConfig(key_dim=24, name_dim=4, rank=2, heads=2, key_conv=3, query_conv=2))
+    mem = DeltaMemory(16, MemoryConfig(key_dim=24, name_dim=4, rank=2, heads=2, key_conv=3, query_conv=2,
+                                       whom_from=whom_from))
     with torch.no_grad():
         mem.W_s.weight.normal_()                                         # a whom pool that is not a plain mean
-    x, idx = torch.randn(2, 10, 16), torch.tensor([0, 3, 4, 9])
-    a, c = mem.key_parts(x, 2)                                           # (B, T, H·6), (B, T, H·4)
-    assert torch.equal(mem.unit(a[:, idx], c[:, idx]), mem.write_terms(x, 2)[0][:, :, idx])
-    a, c = mem.query_parts(x, 2)
-    assert torch.equal(mem.unit(a[:, idx], c[:, idx]), mem.read_query(x, 2)[:, :, idx])
+    x, e, idx = torch.randn(2, 10, 16), torch.randn(2, 10, 16), torch.tensor([0, 3, 4, 9])
+    a, c = mem.key_parts(x, 2, e)                                        # (B, T, H·6), (B, T, H·4)
+    assert torch.equal(mem.unit(a[:, idx], c[:, idx]), mem.write_terms(x, 2, e=e)[0][:, :, idx])
+    a, c = mem.query_parts(x, 2, e=e)
+    assert torch.equal(mem.unit(a[:, idx], c[:, idx]), mem.read_query(x, 2, e=e)[:, :, idx])
+
+
+def test_whom_from_tokens_pools_the_tokens_embeddings_with_scores_of_h():
+    """whom_from=tokens: c_t = causal_pool(W_c LN(e), 4 tanh(W_s h)) by hand, so the same tokens in another
+    context (other h, same e) give the same whom part where the score is flat, and whom_from=h does not;
+    DeltaMemGPT hands its memories e = wte(idx); a memory that needs e and gets none says so."""
+    torch.manual_seed(0)
+    cfg = dict(key_dim=8, name_dim=4, rank=2, name_pool=3)
+    mem = DeltaMemory(16, MemoryConfig(whom_from="tokens", **cfg))
+    with torch.no_grad():
+        mem.W_s.weight.normal_()
+    x, e = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    ref = causal_pool(mem.W_c(F.layer_norm(e, (16,))), 4 * torch.tanh(mem.W_s(x)), 3)[0]
+    assert_close("whom", mem.whom(x, e=e)[0], ref, atol=1e-6)
+    with torch.no_grad():
+        mem.W_s.weight.zero_()                                           # a plain mean: the score ignores h
+    other = torch.randn(2, 9, 16)                                        # another context, the same tokens
+    assert torch.equal(mem.whom_unit(x, e=e), mem.whom_unit(other, e=e))
+    by_h = DeltaMemory(16, MemoryConfig(whom_from="h", **cfg))
+    assert not torch.allclose(by_h.whom_unit(x, e=e), by_h.whom_unit(other, e=e), atol=1e-3)
+    with pytest.raises(ValueError, match="whom_from=tokens needs"):
+        mem.whom(x)
+    gpt = tiny_gpt().eval()
+    model = DeltaMemGPT(gpt, MemoryConfig(whom_from="tokens", **cfg)).eval()
+    idx = torch.randint(64, (2, 7))
+    seen = {}
+    hook = model.memories["0"].register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    model(idx)
+    hook.remove()
+    assert torch.equal(seen["e"], gpt.wte(idx))
 
 
 def test_causal_pool_is_a_score_weighted_mean_of_the_last_tokens_by_hand():
@@ -509,7 +541,7 @@ def test_chunkwise_long_chunk_of_strong_decay_stays_finite():
 
 
 @pytest.mark.parametrize("with_memory,smear", [(False, 1), (True, 1), ("lora", 1), (False, 3), (True, 3), ("query_conv", 1),
-                                               ("name_dim", 1)])
+                                               ("name_dim", 1), ("whom_from_tokens", 1)])
 def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, smear):
     # prompt of 6 tokens into the cache, then 4 tokens one at a time: the same logits as one full pass
     gpt = tiny_gpt(smear_keys=smear).eval()
@@ -524,7 +556,9 @@ def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, sm
             model = LoRAGPT(gpt, MemoryConfig(), rank=4).eval()
         else:                                                            # query_conv: the read sees 3 tokens
             conv = 3 if with_memory == "query_conv" else 1               # name_dim: a whom pool of 5
-            whom = dict(key_dim=8, name_dim=2, name_pool=5) if with_memory == "name_dim" else {}
+            whom = dict(key_dim=8, name_dim=2, name_pool=5) if with_memory in ("name_dim", "whom_from_tokens") else {}
+            if with_memory == "whom_from_tokens":
+                whom["whom_from"] = "tokens"                             # the pool reads e
             model = DeltaMemGPT(gpt, MemoryConfig(chunk_size=4, query_conv=conv, **whom)).eval()
         with torch.no_grad():
             for mem in model.memories.values():                          # corrections that matter

@@ -420,9 +420,9 @@ def test_context_rows_are_the_episodes_own_document_shifted_by_one(enc):
 def keys_by_hand():
     """A model whose one memory's write keys and read queries are its layer inputs themselves."""
     class Mem(torch.nn.Module):
-        def key_parts(self, x, n_windows):
+        def key_parts(self, x, n_windows, e=None):
             return x, None
-        def query_parts(self, x, n_windows=1):
+        def query_parts(self, x, n_windows=1, e=None):
             return x, None
         def unit(self, a, c=None):
             return a[:, None]                                            # (B, H=1, T, d_k)
@@ -436,8 +436,8 @@ def test_binding_term_leaves_the_asked_slots_older_statements_out():
     query equal to them gets the loss of a 2-way softmax against fact 0 only, not a 3-way one."""
     model = keys_by_hand()
     k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])               # (F, d_k)
-    writes = {"0": k[None]}                                              # (B=1, T=3, d_k): facts at tokens 0..2
-    reads = {"0": torch.tensor([[[0.0, 1.0]]])}                          # the query at read position 0
+    writes = {"0": (k[None], None)}                                      # (B=1, T=3, d_k): facts at tokens 0..2
+    reads = {"0": (torch.tensor([[[0.0, 1.0]]]), None)}                  # the query at read position 0
     sites = [(torch.arange(3), torch.tensor([0, 1, 1]), [(0, 0, 2, 0)], torch.zeros(3), torch.zeros(3), [])]  # asks fact 2,
     got = TM.binding_loss(model, writes, reads, sites, 1, 1, tau=0.5).item()                  # the latest of slot 1
     assert got == pytest.approx(float(-torch.log_softmax(torch.tensor([0.0, 2.0]), 0)[1]))
@@ -448,13 +448,13 @@ def whom_by_hand():
     and whose whom parts are tanh of the rest (unit): x = (what, what, whom, whom)."""
     class Mem(torch.nn.Module):
         W_c = True
-        def key_parts(self, x, n_windows):
+        def key_parts(self, x, n_windows, e=None):
             return x[..., :2], None
-        def query_parts(self, x, n_windows=1):
+        def query_parts(self, x, n_windows=1, e=None):
             return x[..., :2], None
         def unit(self, a, c=None):
             return F.normalize(a, dim=-1)[:, None]
-        def whom_unit(self, x, n_windows=1):
+        def whom_unit(self, x, n_windows=1, e=None):
             return F.normalize(torch.tanh(x[..., 2:]), dim=-1)[:, None]
     model = torch.nn.Module()
     model.memories = torch.nn.ModuleDict({"0": Mem()})
@@ -470,7 +470,7 @@ def test_whom_term_has_only_other_peoples_facts_of_the_asked_attribute_as_rivals
     k = torch.tensor([[1, 0, big, 0], [1, 0, 0, big], [0, 1, big, 0], [0, 1, -big, -big]])  # (F, 2 + 2)
     q = torch.tensor([[[1.0, 0.0, big, -big]]])                          # what: city; whom: (1, -1) / √2
     sites = [(torch.arange(4), torch.arange(4), [(0, 0, 0, 0)], torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 2]), [])]
-    got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()
+    got = TM.binding_loss(model, {"0": (k[None], None)}, {"0": (q, None)}, sites, 1, 1, tau=0.5).item()
     full = -torch.log_softmax(torch.tensor([1.0, 1.0, 0.0, 0.0]) / 0.5, 0)[0]  # q·k of the four facts
     whom = -torch.log_softmax(torch.tensor([1.0, -1.0]) / 2 ** 0.5 / 0.5, 0)[0]   # A's city vs B's city
     assert got == pytest.approx(float((full + whom) / 2), rel=1e-5)
@@ -485,12 +485,12 @@ def test_whom_null_slot_by_hand():
     k = torch.tensor([[1, 0, big, 0], [1, 0, 0, big]])                    # (F = 2, 2 + 2)
     q = torch.tensor([[[1.0, 0, big, 0], [1.0, 0, -big, -big]]])          # read positions 0 (A) and 1 (nobody)
     sites = [(torch.arange(2), torch.arange(2), [(0, 0, 0, 0)], torch.tensor([0, 0]), torch.tensor([0, 1]), [1])]
-    got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5, null=0.5).item()
+    got = TM.binding_loss(model, {"0": (k[None], None)}, {"0": (q, None)}, sites, 1, 1, tau=0.5, null=0.5).item()
     full = -torch.log_softmax(torch.tensor([1.0, 1.0]) / 0.5, 0)[0]
     whom = -torch.log_softmax(torch.tensor([1.0, 0.0, 0.5]) / 0.5, 0)[0]
     nobody = -torch.log_softmax(torch.tensor([-0.5 ** 0.5, -0.5 ** 0.5, 0.5]) / 0.5, 0)[2]
     assert got == pytest.approx(float((full + whom + nobody) / 3), rel=1e-5)
-    off = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()   # null = 0: as before
+    off = TM.binding_loss(model, {"0": (k[None], None)}, {"0": (q, None)}, sites, 1, 1, tau=0.5).item()   # null = 0: as before
     assert off == pytest.approx(float((full - torch.log_softmax(torch.tensor([1.0, 0.0]) / 0.5, 0)[0]) / 2), rel=1e-5)
 
 
@@ -518,7 +518,7 @@ def test_binding_term_reads_the_second_answer_token_at_the_values_second_token()
     k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0], [0.0, -1.0]])  # (T=4, d_k)
     q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])                         # (1, 2, d_k) read positions 0, 1
     sites = [(torch.tensor([0, 2]), torch.arange(2), [(0, 0, 0, 0), (0, 1, 0, 1)], torch.zeros(2), torch.arange(2), [])]
-    got = TM.binding_loss(model, {"0": k[None]}, {"0": q}, sites, 1, 1, tau=0.5).item()
+    got = TM.binding_loss(model, {"0": (k[None], None)}, {"0": (q, None)}, sites, 1, 1, tau=0.5).item()
     first = -torch.log_softmax(torch.tensor([1.0, 0.5]) / 0.5, 0)[0]    # q_0 · (k_0, k_2)
     second = -torch.log_softmax(torch.tensor([2.0, -2.0]) / 0.5, 0)[0]  # q_1 · (k_1, k_3)
     assert got == pytest.approx(float((first + second) / 2), rel=1e-6)
