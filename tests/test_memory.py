@@ -504,7 +504,8 @@ def test_memory_checkpoint_refuses_another_backbone(tmp_path):
 
 @pytest.mark.parametrize("bad", [dict(key_dim=0), dict(rank=-1), dict(write_unit="line"), dict(sides="k"),
                                  dict(update="hebb"), dict(gates="col"), dict(chunk_size=0),
-                                 dict(key_dim=8, name_dim=3), dict(name_dim=-1), dict(name_dim=2, name_pool=0)])
+                                 dict(key_dim=8, name_dim=3), dict(name_dim=-1), dict(name_dim=2, name_pool=0),
+                                 dict(name_dim=2, whom_from="ids")])
 def test_bad_memory_config_is_refused_with_valid_values(bad):
     with pytest.raises(ValueError):
         MemoryConfig(**bad)
