@@ -577,9 +577,10 @@ class DeltaMemory(nn.Module):
         if cfg.query_conv > 1:
             self.query_conv = nn.Parameter(torch.full((cfg.query_conv, H * self.what_dim), 1.0 / cfg.query_conv))
         # name_dim = n > 0: a key is a product of two parts, k̃_t = L2norm(tanh(A_k h_t) ⊗ tanh(c_t)) with
-        # d_k = d_k/n x n: what (A_k, with its conv) and whom: c_t = Σ_{j<P} e^{s_{t-j}} ∘ W_c h_{t-j} / Σ_{j<P} e^{s_{t-j}},
-        # s_t = 4 tanh(W_s h_t), per channel a mean of the last P tokens weighted by a score of each token's
-        # content (causal_pool); a query's whom part is the same map of its own last P tokens. Then
+        # d_k = d_k/n x n: what (A_k, with its conv) and whom:
+        # c_t = Σ_{j<P} exp(s_{t-j}) ∘ W_c h_{t-j} / Σ_{j<P} exp(s_{t-j}), s_t = 4 tanh(W_s h_t), per channel
+        # a mean of the last P tokens weighted by a score of each token's content (causal_pool); a query's
+        # whom part is the same map of its own last P tokens. Then
         # q̃·k̃ = (what·what')(whom·whom'): facts of one attribute and two people get orthogonal keys when their
         # whom parts are. Why the pool: in "Tara: Did you hear? Uma got a job as a locksmith." the name sits
         # 3-12 tokens before the value, at no offset a convolution could learn. Why apart: the answer loss
