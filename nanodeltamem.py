@@ -505,12 +505,14 @@ class MemoryConfig:
     name_dim: int = 0          # > 0: keys and queries are (what, d_k / name_dim) ⊗ (whom, name_dim): whose fact it is
     name_pool: int = 16        # ... taken from a content-weighted mean of the last name_pool tokens
     whom_from: str = "h"       # ... of what: h (the layer input) | tokens (each token's own embedding, wte)
+    whom_score: str = "h"      # ... each token weighted by a score of: h | h+tokens (h and the token's embedding)
     decay_bias: float = 6.0    # update=gated: b_λ at init, λ = sigmoid(6) ≈ 0.9975 kept per token
 
     def __post_init__(self):
         choices = dict(write_unit=("token", "segment"), sides=("q", "o", "qo"),
                        update=("delta", "gated", "deltanet", "hebbian"), gates=("rowwise", "scalar"),
-                       init=("paper", "zero"), whom_from=("h", "tokens"))
+                       init=("paper", "zero"), whom_from=("h", "tokens"),
+                       whom_score=("h", "h+tokens"))
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; choose one of {', '.join(valid)}")
@@ -549,7 +551,8 @@ class DeltaMemory(nn.Module):
 
     name_dim = n > 0: q̃_t and k̃_t are L2norm(tanh(what) ⊗ tanh(whom)), what = the A_q / A_k part above
     (d_k / n) and whom (n) a score-weighted mean of the last name_pool tokens (`whom`, `unit`): of what
-    h says (whom_from=h) or of the tokens' own embeddings e_t (whom_from=tokens), weighted by a score of h.
+    h says (whom_from=h) or of the tokens' own embeddings e_t (whom_from=tokens), weighted by a score of h
+    (whom_score=h) or of h and e_t (whom_score=h+tokens).
 
     The state S (B, H, r, d_k) lives in `self.state` and is carried across forward calls, so a
     history can be written window by window and queried later with writes off.
@@ -590,11 +593,17 @@ class DeltaMemory(nn.Module):
         # name carries its context too ("Alice lives" vs "does Alice live"), so the same name's whom content
         # differs between statement and question; a token's embedding is the same wherever it sits. The
         # score s still reads h: h says which token is a name here.
-        self.W_c = self.W_s = None
+        # whom_score=h+tokens: s_t = 4 tanh(W_s h_t + W_se LN(e_t)). Why: which token is a name is mostly
+        # which token it is, and a score of the token's own embedding can weigh a name alike in statement
+        # and question, where h alone spreads the pool's weight over the words around it.
+        self.W_c = self.W_s = self.W_se = None
         if cfg.name_dim:
             self.W_c = nn.Linear(d, H * cfg.name_dim, bias=False)        # what a token says about whom
             self.W_s = nn.Linear(d, H * cfg.name_dim, bias=False)        # how much a token counts, per channel
             nn.init.zeros_(self.W_s.weight)                              # a plain mean at init
+            if cfg.whom_score == "h+tokens":
+                self.W_se = nn.Linear(d, H * cfg.name_dim, bias=False)   # ... and how much for being that token
+                nn.init.zeros_(self.W_se.weight)
         gate = H * (r if cfg.gates == "rowwise" else 1)
         self.W_beta = nn.Linear(d, gate, bias=True)
         nn.init.zeros_(self.W_beta.weight)                               # β starts the same everywhere
@@ -625,16 +634,28 @@ class DeltaMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
 
+    def pool_score(self, x, e=None):
+        """The whom pool's score s (B, T, H·n) of x (B, T, d): 4 tanh(W_s x), + W_se LN(e) inside the tanh
+        with whom_score=h+tokens (e (B, T, d): the tokens' embeddings)."""
+        s = self.W_s(x)                                                  # (B, T, H·n)
+        if self.W_se is not None:
+            s = s + self.W_se(self._embedding(e, "whom_score=h+tokens"))
+        return 4 * torch.tanh(s)
+
+    def _embedding(self, e, why):
+        """LN(e), the tokens' embeddings as the whom part reads them; one line when a caller passed none."""
+        if e is None:
+            raise ValueError(f"{why} needs the tokens' embeddings e (DeltaMemGPT passes them)")
+        return F.layer_norm(e, e.shape[-1:])
+
     def whom(self, x, n_windows=1, past=None, e=None):
         """The whom part c (B, T, H·n) of x (B, T, d) before tanh, and causal_pool's tail (decoding); with
         whom_from=tokens its content comes from e (B, T, d), the tokens' embeddings."""
         if self.cfg.whom_from == "tokens":
-            if e is None:
-                raise ValueError("whom_from=tokens needs the tokens' embeddings e (DeltaMemGPT passes them)")
-            content = self.W_c(F.layer_norm(e, e.shape[-1:]))            # (B, T, H·n) the token, not its context
+            content = self.W_c(self._embedding(e, "whom_from=tokens"))   # (B, T, H·n) the token, not its context
         else:
             content = self.W_c(x)                                        # (B, T, H·n)
-        return causal_pool(content, 4 * torch.tanh(self.W_s(x)), self.cfg.name_pool, n_windows, past)
+        return causal_pool(content, self.pool_score(x, e), self.cfg.name_pool, n_windows, past)
 
     def whom_unit(self, x, n_windows=1, e=None):
         """The whom part alone as unit vectors (B, H, T, n): what the binding term trains it on."""

@@ -64,6 +64,8 @@ DEFAULTS = dict(
                                   # of what alone (the keys before 2026-12-04: --key_dim=8 --name_dim=0)
     whom_from="tokens",           # the whom content of: tokens (their own embeddings: a name reads alike in
                                   # statement and question) | h (the layer input, before 2026-12-07)
+    whom_score="h+tokens",        # the whom pool's score of: h+tokens (the layer input and the token's own
+                                  # embedding) | h (before 2026-12-08)
     name_lr_scale=0.1,            # the whom part learns at this times the learning rate
     # training (more steps of fewer episodes: 500 x 8 takes the time of 300 x 16 and answers better)
     max_iters=500, batch_size=8, learning_rate=3e-2, min_lr=1e-3, warmup_iters=20, grad_clip=1.0,
@@ -160,7 +162,8 @@ def memory_config(cfg, **over):
               sides=cfg["sides"], update=cfg["update"], gates=cfg["gates"], layers=layers, alpha=cfg["alpha"],
               gate_bias=cfg["gate_bias"], init=cfg["init"], chunk_size=cfg["chunk_size"],
               key_conv=cfg["key_conv"], query_conv=cfg["query_conv"], decay_bias=cfg["decay_bias"],
-              name_dim=cfg["name_dim"], name_pool=cfg["name_pool"], whom_from=cfg["whom_from"])
+              name_dim=cfg["name_dim"], name_pool=cfg["name_pool"], whom_from=cfg["whom_from"],
+              whom_score=cfg["whom_score"])
     kw.update(over)
     try:
         return MemoryConfig(**kw)
@@ -324,6 +327,15 @@ def step_inputs(enc, cfg, it, block_size, corpus=None):
     return batch, dict(general=general, sites=sites, context=context)
 
 
+def param_groups(model, cfg):
+    """The optimizer's groups: the whom part (W_c, W_s, W_se) learns at name_lr_scale times the rate, the
+    rest at the rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    whom = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[-2] in ("W_c", "W_s", "W_se")]
+    rest = [p for p in params if all(p is not w for w in whom)]
+    return [dict(params=rest)] + ([dict(params=whom, lr_scale=cfg["name_lr_scale"])] if whom else [])
+
+
 def train_one(kind, name, gpt, enc, cfg, device):
     """Train one memory (or the LoRA baseline); resumes from / reuses <out_dir>/memory_<name>.pt."""
     torch.manual_seed(cfg["seed"])                                       # the same init whatever ran before
@@ -331,10 +343,7 @@ def train_one(kind, name, gpt, enc, cfg, device):
     step = torch.compile(model) if cfg["compile"] else model             # runs the steps; saves use model
     path = memory_path(cfg, name)
     params = [p for p in model.parameters() if p.requires_grad]
-    whom = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[-2] in ("W_c", "W_s")]
-    rest = [p for p in params if all(p is not w for w in whom)]
-    groups = [dict(params=rest)] + ([dict(params=whom, lr_scale=cfg["name_lr_scale"])] if whom else [])
-    opt = torch.optim.AdamW(groups, lr=cfg["learning_rate"], weight_decay=0.0)  # the whom part at its own rate
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg["learning_rate"], weight_decay=0.0)
     start, history = 0, []
     if os.path.exists(path):
         ckpt = load_checkpoint(path, required=MEMORY_ENTRIES)

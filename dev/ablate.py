@@ -52,7 +52,7 @@ from data.tasks import exact_match  # noqa: E402
 DEFAULTS = dict(
     TM.DEFAULTS,
     key_dim=8, name_dim=0,        # the sweeps vary d_k itself, so their keys are what alone (no whom part),
-    whom_from="h",                # (a whom part's source, were one asked for: the one of that time)
+    whom_from="h", whom_score="h",  # (a whom part's source and score, were one asked for: those of that time)
     shared_share=0.0,             # and their episodes are the plain ones, as when their numbers were measured
     rank=8, bind_tokens=1,        # (with the rank and binding term of that time,
     bind_null=0.0,                # no "nobody" slot (a whom part's; none here),
@@ -85,7 +85,8 @@ ADDED_LATER = {"read_window_share": 1.0, "decay_bias": 6.0, "state_margin": 0.0,
                "dense_questions": False, "context_reg": 0.0, "shared_share": 0.0,
                "aux_share": 1.0, "max_questions": 0, "query_conv": 1,
                "bind_rivals": "all", "max_pairs": 0, "name_dim": 0, "name_pool": 16, "name_lr_scale": 0.1,
-               "bind_tokens": 1, "absent_questions": 0, "novel_values": 0.0, "bind_null": 0.0, "whom_from": "h"}
+               "bind_tokens": 1, "absent_questions": 0, "novel_values": 0.0, "bind_null": 0.0, "whom_from": "h",
+               "whom_score": "h"}
 AXES = ("key_dim", "rank", "write", "sides", "update", "key_conv", "n_pairs", "seed")
 GRID = dict(key_dim=[2, 4, 8, 16, 32], rank=[1, 2, 4, 8, 16])            # the default cells
 # the state-size sweep: one memory per (d_k, rule), trained on recall episodes whose N is spread log-uniformly

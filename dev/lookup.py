@@ -191,11 +191,13 @@ def fit_keys(train, test, key_dim, steps, seed, tau=0.1, lr=1e-2, batch=0):
 
 
 @torch.no_grad()
-def name_share(mem, x, t, span, L):
+def name_share(mem, x, t, span, L, e=None):
     """Of the whom pool at stream position t of x (T, d) (causal_pool over the last name_pool tokens, restarting
-    every L tokens), the weight on the positions in span, as a mean over the pool's channels."""
+    every L tokens; e (T, d) the tokens' embeddings, for a score that reads them), the weight on the positions
+    in span, as a mean over the pool's channels."""
     lo = max(t - mem.cfg.name_pool + 1, t // L * L)                     # the pool's first token
-    w = torch.softmax(4 * torch.tanh(mem.W_s(x[lo:t + 1])), dim=0)      # (t - lo + 1, H·n) each channel's weights
+    score = mem.pool_score(x[lo:t + 1], None if e is None else e[lo:t + 1])  # (t - lo + 1, H·n)
+    w = torch.softmax(score, dim=0)                                      # (t - lo + 1, H·n) each channel's weights
     inside = [j - lo for j in span if lo <= j <= t]
     return float(w[inside].sum(0).mean()) if inside else 0.0
 
@@ -250,9 +252,9 @@ def memory_lookup(model, enc, episodes):
                 for (qi, p, a, _), name in zip(asked, names):            # the pool at the key and the query
                     name_ids = enc.encode_ordinary(" " + name)
                     t = int(pos[a])
-                    shares[i].append((name_share(mem, x_w[0], t, name_span(hist_ids, name_ids, t), L),
+                    shares[i].append((name_share(mem, x_w[0], t, name_span(hist_ids, name_ids, t), L, e_w[0]),
                                       name_share(mem, x_r[0], p, [qi * Lq + j for j in
-                                                 name_span(q_ids[qi], name_ids, p - qi * Lq)], Lq)))
+                                                 name_span(q_ids[qi], name_ids, p - qi * Lq)], Lq, e_r[0])))
             s = (q[:, at] @ k[:, pos].transpose(-1, -2)).mean(0)        # (A, F) the read's weights
             own = s[torch.arange(len(target)), target]                   # (A,)
             weights[i] += list(zip(own.tolist(), (s.sum(-1) - own).tolist()))

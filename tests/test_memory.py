@@ -337,15 +337,17 @@ def test_key_and_query_conv_are_causal_convolutions_of_their_projection(side):
         assert_close(f"{side}s[:, 0] {n_windows}", of(x, n_windows)[:, 0], F.normalize(torch.tanh(ref), dim=-1), atol=1e-6)
 
 
-@pytest.mark.parametrize("whom_from", ["h", "tokens"])
-def test_keys_and_queries_built_at_a_few_positions_equal_the_full_ones_there(whom_from):
+@pytest.mark.parametrize("whom_from,whom_score", [("h", "h"), ("tokens", "h"), ("tokens", "h+tokens")])
+def test_keys_and_queries_built_at_a_few_positions_equal_the_full_ones_there(whom_from, whom_score):
     """unit(key_parts(x) at idx) is write_terms' keys at idx, to the bit (and the same for queries): the
     binding term builds the d_k-wide keys only where it reads them."""
     torch.manual_seed(0)
     mem = DeltaMemory(16, MemoryConfig(key_dim=24, name_dim=4, rank=2, heads=2, key_conv=3, query_conv=2,
-                                       whom_from=whom_from))
+                                       whom_from=whom_from, whom_score=whom_score))
     with torch.no_grad():
-        mem.W_s.weight.normal_()                                         # a whom pool that is not a plain mean
+        for W in (mem.W_s, mem.W_se):                                    # a whom pool that is not a plain mean
+            if W is not None:
+                W.weight.normal_()
     x, e, idx = torch.randn(2, 10, 16), torch.randn(2, 10, 16), torch.tensor([0, 3, 4, 9])
     a, c = mem.key_parts(x, 2, e)                                        # (B, T, H·6), (B, T, H·4)
     assert torch.equal(mem.unit(a[:, idx], c[:, idx]), mem.write_terms(x, 2, e=e)[0][:, :, idx])
@@ -381,6 +383,36 @@ def test_whom_from_tokens_pools_the_tokens_embeddings_with_scores_of_h():
     model(idx)
     hook.remove()
     assert torch.equal(seen["e"], gpt.wte(idx))
+
+
+def test_whom_score_h_plus_tokens_adds_a_score_of_the_tokens_embeddings_by_hand():
+    """whom_score=h+tokens: s = 4 tanh(W_s h + W_se LN(e)) by hand. W_se starts at zero, so a fresh one pools
+    as whom_score=h with the same weights; with W_s at zero the score ignores the context (other h, same e);
+    a score that needs e and gets none says so; whom_score=h has no W_se."""
+    torch.manual_seed(0)
+    cfg = dict(key_dim=8, name_dim=4, rank=2, name_pool=3, whom_from="tokens")
+    mem = DeltaMemory(16, MemoryConfig(whom_score="h+tokens", **cfg))
+    by_h = DeltaMemory(16, MemoryConfig(whom_score="h", **cfg))
+    assert by_h.W_se is None and mem.W_se.weight.abs().sum() == 0
+    with torch.no_grad():
+        mem.W_s.weight.normal_()
+        for name in ("W_c", "W_s"):
+            getattr(by_h, name).weight.copy_(getattr(mem, name).weight)
+    x, e = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    assert torch.equal(mem.whom(x, e=e)[0], by_h.whom(x, e=e)[0])      # fresh: the same pool as h alone
+    with torch.no_grad():
+        mem.W_se.weight.normal_()
+    ref_s = 4 * torch.tanh(mem.W_s(x) + mem.W_se(F.layer_norm(e, (16,))))
+    assert_close("pool_score", mem.pool_score(x, e), ref_s, atol=1e-6)
+    ref = causal_pool(mem.W_c(F.layer_norm(e, (16,))), ref_s, 3)[0]
+    assert_close("whom", mem.whom(x, e=e)[0], ref, atol=1e-6)
+    assert not torch.allclose(mem.whom(x, e=e)[0], by_h.whom(x, e=e)[0], atol=1e-3)
+    with torch.no_grad():
+        mem.W_s.weight.zero_()                                           # the score of the tokens alone
+    other = torch.randn(2, 9, 16)                                        # another context, the same tokens
+    assert torch.equal(mem.whom_unit(x, e=e), mem.whom_unit(other, e=e))
+    with pytest.raises(ValueError, match="whom_score=h\\+tokens needs"):
+        DeltaMemory(16, MemoryConfig(whom_score="h+tokens", **dict(cfg, whom_from="h"))).whom(x)
 
 
 def test_causal_pool_is_a_score_weighted_mean_of_the_last_tokens_by_hand():
@@ -505,7 +537,7 @@ def test_memory_checkpoint_refuses_another_backbone(tmp_path):
 @pytest.mark.parametrize("bad", [dict(key_dim=0), dict(rank=-1), dict(write_unit="line"), dict(sides="k"),
                                  dict(update="hebb"), dict(gates="col"), dict(chunk_size=0),
                                  dict(key_dim=8, name_dim=3), dict(name_dim=-1), dict(name_dim=2, name_pool=0),
-                                 dict(name_dim=2, whom_from="ids")])
+                                 dict(name_dim=2, whom_from="ids"), dict(name_dim=2, whom_score="e")])
 def test_bad_memory_config_is_refused_with_valid_values(bad):
     with pytest.raises(ValueError):
         MemoryConfig(**bad)
@@ -542,7 +574,7 @@ def test_chunkwise_long_chunk_of_strong_decay_stays_finite():
 
 
 @pytest.mark.parametrize("with_memory,smear", [(False, 1), (True, 1), ("lora", 1), (False, 3), (True, 3), ("query_conv", 1),
-                                               ("name_dim", 1), ("whom_from_tokens", 1)])
+                                               ("name_dim", 1), ("whom_from_tokens", 1), ("whom_score", 1)])
 def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, smear):
     # prompt of 6 tokens into the cache, then 4 tokens one at a time: the same logits as one full pass
     gpt = tiny_gpt(smear_keys=smear).eval()
@@ -557,9 +589,12 @@ def test_decoding_with_the_cache_equals_recomputing_the_sequence(with_memory, sm
             model = LoRAGPT(gpt, MemoryConfig(), rank=4).eval()
         else:                                                            # query_conv: the read sees 3 tokens
             conv = 3 if with_memory == "query_conv" else 1               # name_dim: a whom pool of 5
-            whom = dict(key_dim=8, name_dim=2, name_pool=5) if with_memory in ("name_dim", "whom_from_tokens") else {}
-            if with_memory == "whom_from_tokens":
+            whom = dict(key_dim=8, name_dim=2, name_pool=5) if with_memory in ("name_dim", "whom_from_tokens",
+                                                                                "whom_score") else {}
+            if with_memory in ("whom_from_tokens", "whom_score"):
                 whom["whom_from"] = "tokens"                             # the pool reads e
+            if with_memory == "whom_score":
+                whom["whom_score"] = "h+tokens"                          # ... and scores it
             model = DeltaMemGPT(gpt, MemoryConfig(chunk_size=4, query_conv=conv, **whom)).eval()
         with torch.no_grad():
             for mem in model.memories.values():                          # corrections that matter

@@ -328,6 +328,7 @@ def test_a_memory_checkpoint_with_wrong_entries_is_refused(backbone, tmp_path):
     ("--baselines=rag", "lora, hebbian"), ("--episode_preset=huge", "tiny, small, medium, long"),
     ("--device=gpu", "auto, cpu, cuda"), ("--key_dim=2.5", "expects a int"), ("--bogus=1", "valid options"),
     ("--bind_tokens=3", "choose 1 or 2"), ("--bind_null=1.5", "a cosine in (0, 1)"), ("--whom_from=ids", "h, tokens"),
+    ("--whom_score=e", "h, h+tokens"),
 ])
 def test_memory_flags_are_range_checked_before_any_work(flag, valid, tmp_path):
     # a nonexistent backbone and data dir: the flag must be refused before either is looked at

@@ -555,3 +555,18 @@ def test_step_inputs_add_the_context_and_general_terms_on_their_share_of_the_ste
     assert torch.equal(again[0]["hist"], on[0]["hist"]) and torch.equal(again[0]["qx"], on[0]["qx"])
     capped = TM.step_inputs(enc, dict(cfg, max_questions=2), 1, 256, Rows())[0]
     assert on[0]["qx"].size(1) > 2 and capped["qx"].size(1) == 2           # at most 2 questions an episode
+
+
+def test_the_whom_part_and_only_it_learns_at_its_own_rate():
+    """param_groups: W_c, W_s and W_se of every memory layer at name_lr_scale, every other trainable weight
+    at the rate, each once, the frozen backbone in neither."""
+    gpt = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    cfg = dict(TM.DEFAULTS, key_dim=8, name_dim=4, rank=2, layers="0,1")
+    model = TM.build("deltamem", gpt, cfg)
+    rest, whom = TM.param_groups(model, cfg)
+    assert whom["lr_scale"] == cfg["name_lr_scale"] and "lr_scale" not in rest
+    expect = {id(getattr(m, n).weight) for m in model.memories.values() for n in ("W_c", "W_s", "W_se")}
+    assert {id(p) for p in whom["params"]} == expect and len(whom["params"]) == 6
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in rest["params"]} == {id(p) for p in trainable} - expect
+    assert not any(p.requires_grad for p in gpt.parameters())
