@@ -635,8 +635,8 @@ class DeltaMemory(nn.Module):
         return x.view(B, T, self.cfg.heads, size).transpose(1, 2)        # (B, H, T, size)
 
     def pool_score(self, x, e=None):
-        """The whom pool's score s (B, T, H·n) of x (B, T, d): 4 tanh(W_s x), + W_se LN(e) inside the tanh
-        with whom_score=h+tokens (e (B, T, d): the tokens' embeddings)."""
+        """The whom pool's score s (B, T, H·n) of x (B, T, d): 4 tanh(W_s x) with whom_score=h, or
+        4 tanh(W_s x + W_se LN(e)) with whom_score=h+tokens (e (B, T, d): the tokens' embeddings)."""
         s = self.W_s(x)                                                  # (B, T, H·n)
         if self.W_se is not None:
             s = s + self.W_se(self._embedding(e, "whom_score=h+tokens"))
