@@ -65,7 +65,7 @@ DEFAULTS = dict(
     whom_from="tokens",           # the whom content of: tokens (their own embeddings: a name reads alike in
                                   # statement and question) | h (the layer input, before 2026-12-07)
     whom_score="h+tokens",        # the whom pool's score of: h+tokens (the layer input and the token's own
-                                  # embedding) | h (before 2026-12-08)
+                                  # embedding) | h (the score before 4be90fd)
     name_lr_scale=0.1,            # the whom part learns at this times the learning rate
     # training (more steps of fewer episodes: 500 x 8 takes the time of 300 x 16 and answers better)
     max_iters=500, batch_size=8, learning_rate=3e-2, min_lr=1e-3, warmup_iters=20, grad_clip=1.0,
