@@ -35,6 +35,10 @@ asked fact at chance 1/N.
                every stored value at its weight q̃·k̃, so it prints the asked fact's weight beside the sum
                of the rivals' weights, and (with a whom part) how much of the whom pool's weight lands on
                the person's name, at the key (the value's first token) and at the query (the answer slot).
+               The same under the memory's own rule (read_weights: β, decay and the delta rule's erase, every
+               token's write counted), beside the same writes without the erase: what the erase takes
+               away. And the query's what and whom parts against the keys' (cos): which part tells the
+               asked fact from its rivals.
 """
 import os
 import sys
@@ -211,6 +215,22 @@ def name_span(ids, name_ids, end):
     return []
 
 
+def read_weights(k, beta, keep, q, erase=True):
+    """The weight of every written token's value in the read after the last write, under the memory's own
+    rule. Each state row is S_t = S_{t-1} (keep_t I - erase β_t k̃_t k̃_tᵀ) + β_t v_t k̃_tᵀ, linear in the
+    values, so S_T q̃ = Σ_t w_t v_t with w_t = β_t (k̃_t · p_t), p_T = q̃ and p_{t-1} = keep_t p_t -
+    erase β_t (k̃_t · p_t) k̃_t (the transitions after t, applied to q̃). erase=False gives the same writes
+    without the delta rule's -S k term.
+    k (T, d_k) unit keys, beta and keep (T, r), q (A, d_k) unit queries -> w (A, r, T), per state row."""
+    p = q[:, None, :].expand(-1, beta.size(-1), -1).clone()            # (A, r, d_k)
+    w = q.new_zeros(q.size(0), beta.size(-1), k.size(0))                 # (A, r, T)
+    for t in range(k.size(0) - 1, -1, -1):
+        kp = p @ k[t]                                                    # (A, r) k̃_t · p_t
+        w[:, :, t] = beta[t] * kp
+        p = keep[t][None, :, None] * p - (erase * beta[t] * kp)[..., None] * k[t]
+    return w
+
+
 @torch.no_grad()
 def memory_lookup(model, enc, episodes):
     """A trained memory's reads on episodes written into it one at a time: per layer, the top-1 of the full
@@ -222,6 +242,7 @@ def memory_lookup(model, enc, episodes):
     model.eval()
     top, top_whom, first, per_token = {i: [] for i in model.memories}, {i: [] for i in model.memories}, [], {}
     weights, shares = {i: [] for i in model.memories}, {i: [] for i in model.memories}
+    ruled, parts = {i: [] for i in model.memories}, {i: [] for i in model.memories}
     trained = {enc.encode_ordinary(" " + v)[0] for vs in tasks.pools_for("train")["values"].values() for v in vs}
     by_seen = {True: [], False: []}                                      # first token right, by "seen in training"
     for ep in episodes:
@@ -258,6 +279,26 @@ def memory_lookup(model, enc, episodes):
             s = (q[:, at] @ k[:, pos].transpose(-1, -2)).mean(0)        # (A, F) the read's weights
             own = s[torch.arange(len(target)), target]                   # (A,)
             weights[i] += list(zip(own.tolist(), (s.sum(-1) - own).tolist()))
+            real = batch["mask"].reshape(1, 1, -1, 1).float()            # padding neither writes nor decays
+            kr, _, beta, keep = (t[0, 0] for t in mem.write_terms(x_w, W, real, e_w))  # (T, d_k), (T, r|1) x 2
+            beta, keep = beta.expand(-1, mem.cfg.rank), keep.expand(-1, mem.cfg.rank)  # (T, r) each
+            row = []
+            for erase in (mem.cfg.rule()["erase"], False):               # its own rule, then without the erase
+                w = read_weights(kr, beta, keep, q[0, at], erase).mean(1)    # (A, T) mean over the state's rows
+                wf = w[:, pos]                                           # (A, F) at the facts' values
+                own = wf[torch.arange(len(target)), target]              # (A,)
+                rivals = ((wf ** 2).sum(-1) - own ** 2).clamp_min(0).sqrt()  # (A,) the rivals' weights' L2 norm
+                row += [own, rivals, w.sum(-1) - wf.sum(-1)]             # ... and every other token's, summed
+            ruled[i] += torch.stack(row, 1).tolist()
+            if mem.W_c is not None:                                      # the query's parts against the keys'
+                (ak, ck), (aq, cq) = mem.key_parts(x_w, W, e_w), mem.query_parts(x_r, Q, e=e_r)
+                unit = lambda a: F.normalize(torch.tanh(a[0]), dim=-1)   # (T, ·) one head's part, unit
+                row = []
+                for kp, qp in ((unit(ak)[pos], unit(aq)[at]), (unit(ck)[pos], unit(cq)[at])):   # what, whom
+                    c = qp @ kp.T                                        # (A, F) cosines
+                    own = c[torch.arange(len(target)), target]
+                    row += [own, (c.sum(-1) - own) / max(c.size(1) - 1, 1)]  # the asked fact's, a rival's mean
+                parts[i] += torch.stack(row, 1).tolist()
         y = batch["qy"][0]                                               # (Q, Lq)
         firsts = {v: enc.encode_ordinary(" " + v)[0] for v in {q.a for q in ep.questions if q.a != tasks.UNKNOWN}}
         for j, q in enumerate(ep.questions):
@@ -272,7 +313,8 @@ def memory_lookup(model, enc, episodes):
     shares_first = np.bincount(first, minlength=3) / max(len(first), 1)
     pairs = lambda xs: tuple(float(v) for v in np.mean(xs, 0)) if xs else None
     return ({i: (mean(top[i]), mean(top_whom[i])) for i in top}, shares_first, [mean(per_token[n]) for n in sorted(per_token)],
-            {k: (mean(v), len(v)) for k, v in by_seen.items()}, {i: (pairs(weights[i]), pairs(shares[i])) for i in top})
+            {k: (mean(v), len(v)) for k, v in by_seen.items()},
+            {i: (pairs(weights[i]), pairs(shares[i]), pairs(ruled[i]), pairs(parts[i])) for i in top})
 
 
 def main(argv=None):
@@ -306,11 +348,17 @@ def main(argv=None):
         for i, (full, whom) in tops.items():
             print(f"  layer {i}: the read query picks the asked fact's key {full:.2f}"
                   + (f", its whom part alone {whom:.2f}" if whom is not None else ""))
-            weights, share = reads[i]
+            weights, share, ruled, parts = reads[i]
             if weights is not None:
                 print(f"    the read's weights q̃·k̃: the asked fact {weights[0]:.2f}, its {n - 1} rivals together "
                       f"{weights[1]:.2f}" + (f"; the whom pool's weight on the name: at the key {share[0]:.2f}, "
                                              f"at the query {share[1]:.2f}" if share is not None else ""))
+                print(f"    under its own rule, S q̃ = Σ_t w_t v_t (β, decay and erase): w at the asked fact's value "
+                      f"{ruled[0]:.3f}, the rivals' w (L2 norm) {ruled[1]:.3f}, every other token's w summed "
+                      f"{ruled[2]:.3f}; the same writes without the erase: {ruled[3]:.3f}, {ruled[4]:.3f}, {ruled[5]:.3f}")
+            if parts is not None:
+                print(f"    the query's parts against the keys' (cos): what {parts[0]:.2f} to the asked fact's, "
+                      f"{parts[1]:.2f} to a rival's; whom {parts[2]:.2f} to the asked fact's, {parts[3]:.2f} to a rival's")
         print(f"  first answer token: the asked person's value {a:.2f}, a rival's {r:.2f}, neither {other:.2f} "
               f"(the attribute alone: {1 / n:.2f}, {1 - 1 / n:.2f}, 0)")
         print(f"  answer tokens 1-{len(per_token)}, each given the ones before it: "

@@ -60,6 +60,26 @@ def test_name_share_is_the_whom_pools_weight_on_the_name_by_hand():
     assert LK.name_span([5, 1, 2, 7], [2, 7], 2) == []
 
 
+@pytest.mark.parametrize("update", ["gated", "deltanet", "hebbian"])
+def test_read_weights_rebuild_the_state_read_and_the_erase_of_a_repeated_key(update):
+    """Σ_t w_t v_t is the read of the state the scan leaves, per row, for each rule; and a key written twice
+    at β = 1 keeps only its last value under the delta rule (weights 0 then 1), both under hebbian (1, 1)."""
+    from nanodeltamem import delta_rule_scan
+    g = torch.Generator().manual_seed(0)
+    T, dk, r, A = 12, 6, 3, 4
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+    k, q, v = unit(T, dk), unit(A, dk), torch.randn(T, r, generator=g)
+    beta, lam = torch.rand(T, r, generator=g), 0.5 + 0.5 * torch.rand(T, r, generator=g)
+    decay, erase = {"gated": (lam, True), "deltanet": (False, True), "hebbian": (False, False)}[update]
+    keep = lam if update == "gated" else torch.ones(T, r)
+    _, S = delta_rule_scan(q[None, None, :1].expand(1, 1, T, dk), k[None, None], v[None, None], beta[None, None],
+                           decay=decay[None, None] if torch.is_tensor(decay) else decay, erase=erase)
+    w = LK.read_weights(k, beta, keep, q, erase)                        # (A, r, T)
+    assert_close("Σ_t w_t v_t against S q̃", (w * v.T[None]).sum(-1), q @ S[0, 0].T, atol=1e-5)
+    twice = LK.read_weights(k[:1].expand(2, dk), torch.ones(2, r), torch.ones(2, r), k[:1], erase)  # (1, r, 2)
+    assert_close("a key written twice", twice[0, 0], torch.tensor([0.0 if erase else 1.0, 1.0]), atol=1e-6)
+
+
 @pytest.mark.parametrize("batch,steps", [(0, 200), (32, 400)])   # every question a step, or random batches
 def test_key_fit_binds_a_name_only_a_conv_that_reaches_it_sees(batch, steps):
     """Keys: offset 0 holds the shared attribute, offset 1 the person's name; the query holds the asked
