@@ -591,8 +591,8 @@ class DeltaMemory(nn.Module):
         # (train_memory.binding_loss), and the answer loss never moves it.
         # whom_from=tokens: c_t pools W_c LN(e_{t-j}), the tokens' own embeddings, not their h. Why: h at a
         # name carries its context too ("Alice lives" vs "does Alice live"), so the same name's whom content
-        # differs between statement and question; a token's embedding is the same wherever it sits. The
-        # score s still reads h: h says which token is a name here.
+        # differs between statement and question; a token's embedding is the same wherever it sits. With
+        # whom_score=h the score s reads h alone: h says which token is a name here.
         # whom_score=h+tokens: s_t = 4 tanh(W_s h_t + W_se LN(e_t)). Why: which token is a name is mostly
         # which token it is, and a score of the token's own embedding can weigh a name alike in statement
         # and question, where h alone spreads the pool's weight over the words around it.

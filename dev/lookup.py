@@ -262,9 +262,10 @@ def memory_lookup(model, enc, episodes):
         hist_ids, q_ids = batch["hist"][0].flatten().tolist(), batch["qx"][0].tolist()   # (W·L,), (Q, Lq)
         names = [next(p for p in tasks.pools_for("train")["names"]       # the asked person (train-side episodes)
                       if p in ep.questions[qi].q.replace("?", " ").replace("'s", " ").split()) for qi, _, _, _ in asked]
+        real = batch["mask"].reshape(1, 1, -1, 1).float()                # padding neither writes nor decays
         for i, mem in model.memories.items():
             (x_w, e_w), (x_r, e_r) = TM.streams(writes[i], 1), TM.streams(reads[i], 1)  # (1, T, d) each
-            k = mem.write_terms(x_w, W, e=e_w)[0][0]                     # (H, T, d_k)
+            k, _, beta, keep = (t[0] for t in mem.write_terms(x_w, W, real, e_w))  # (H, T, d_k), (H, T, r|1) x 2
             q = mem.read_query(x_r, Q, e=e_r)[0]                         # (H, Q·Lq, d_k)
             top[i] += ((q[:, at] @ k[:, pos].transpose(-1, -2)).mean(0).argmax(-1) == target).tolist()
             if mem.W_c is not None:
@@ -279,23 +280,22 @@ def memory_lookup(model, enc, episodes):
             s = (q[:, at] @ k[:, pos].transpose(-1, -2)).mean(0)        # (A, F) the read's weights
             own = s[torch.arange(len(target)), target]                   # (A,)
             weights[i] += list(zip(own.tolist(), (s.sum(-1) - own).tolist()))
-            real = batch["mask"].reshape(1, 1, -1, 1).float()            # padding neither writes nor decays
-            kr, _, beta, keep = (t[0, 0] for t in mem.write_terms(x_w, W, real, e_w))  # (T, d_k), (T, r|1) x 2
-            beta, keep = beta.expand(-1, mem.cfg.rank), keep.expand(-1, mem.cfg.rank)  # (T, r) each
+            beta, keep = (g.expand(-1, -1, mem.cfg.rank) for g in (beta, keep))  # (H, T, r) each
             row = []
             for erase in (mem.cfg.rule()["erase"], False):               # its own rule, then without the erase
-                w = read_weights(kr, beta, keep, q[0, at], erase).mean(1)    # (A, T) mean over the state's rows
+                w = torch.cat([read_weights(k[h], beta[h], keep[h], q[h, at], erase) for h in range(len(k))],
+                              1).mean(1)                                 # (A, T) mean over every head's rows
                 wf = w[:, pos]                                           # (A, F) at the facts' values
                 own = wf[torch.arange(len(target)), target]              # (A,)
                 rivals = ((wf ** 2).sum(-1) - own ** 2).clamp_min(0).sqrt()  # (A,) the rivals' weights' L2 norm
                 row += [own, rivals, w.sum(-1) - wf.sum(-1)]             # ... and every other token's, summed
             ruled[i] += torch.stack(row, 1).tolist()
             if mem.W_c is not None:                                      # the query's parts against the keys'
-                (ak, ck), (aq, cq) = mem.key_parts(x_w, W, e_w), mem.query_parts(x_r, Q, e=e_r)
-                unit = lambda a: F.normalize(torch.tanh(a[0]), dim=-1)   # (T, ·) one head's part, unit
+                what = lambda a: F.normalize(torch.tanh(mem._heads(a, mem.what_dim)[0]), dim=-1)  # (H, T, d_k / n)
                 row = []
-                for kp, qp in ((unit(ak)[pos], unit(aq)[at]), (unit(ck)[pos], unit(cq)[at])):   # what, whom
-                    c = qp @ kp.T                                        # (A, F) cosines
+                for kp, qp in ((what(mem.key_parts(x_w, W, e_w)[0]), what(mem.query_parts(x_r, Q, e=e_r)[0])),
+                               (kw, qw)):                                # what, then whom (whom_unit above)
+                    c = (qp[:, at] @ kp[:, pos].transpose(-1, -2)).mean(0)  # (A, F) cosines, mean over heads
                     own = c[torch.arange(len(target)), target]
                     row += [own, (c.sum(-1) - own) / max(c.size(1) - 1, 1)]  # the asked fact's, a rival's mean
                 parts[i] += torch.stack(row, 1).tolist()
